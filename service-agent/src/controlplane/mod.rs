@@ -1,0 +1,671 @@
+//! Plays the Kubernetes control plane's part for a set of API objects: validates Services the way
+//! the API server would, assigns cluster IPs, and finds the endpoints of every Service port the
+//! way the endpoints controllers would. The result is the node's `DesiredState`.
+//!
+//! One bad Service never takes others down: it is reported, and if an earlier version of it was
+//! accepted, that version stays in the desired state so that traffic keeps flowing.
+
+mod allocator;
+mod cidr;
+mod endpoint_objects;
+mod endpoint_set;
+pub mod objects;
+mod rfc3339;
+mod selector;
+#[cfg(test)]
+pub(crate) mod test_support;
+mod validation;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::Ipv4Addr,
+    path::PathBuf,
+    time::SystemTime,
+};
+
+pub use cidr::{InvalidCidr, Ipv4Cidr};
+
+use self::{
+    allocator::ClusterIpAllocator,
+    endpoint_objects::EndpointObjectIndex,
+    objects::{ClusterObjects, Located},
+    selector::PodIndex,
+    validation::{ClusterIpRequest, ServiceDefinition, Validation},
+};
+use crate::model::{DesiredState, Service, ServiceName, ServicePort};
+
+/// Kubernetes' default `--service-cluster-ip-range`.
+pub const DEFAULT_SERVICE_CIDR: &str = "10.96.0.0/12";
+
+#[derive(Clone, Debug)]
+pub struct ControlPlaneConfig {
+    /// Where cluster IPs come from; explicit ones must be inside it too.
+    pub service_cidr: Ipv4Cidr,
+    /// Where allocated cluster IPs are kept across restarts; None = keep nothing on disk.
+    pub state_dir: Option<PathBuf>,
+}
+
+pub struct ControlPlane {
+    service_cidr: Ipv4Cidr,
+    allocator: ClusterIpAllocator,
+    /// When each Service without a creationTimestamp was first seen, which stands in for it.
+    first_seen: HashMap<ServiceName, SystemTime>,
+    /// The last definition of each Service that made it into the desired state, for when a
+    /// later version of it is invalid.
+    accepted: HashMap<ServiceName, ServiceDefinition>,
+    /// The cluster IPs of the last result: a Service keeps its IP against newcomers claiming it.
+    cluster_ips: HashMap<ServiceName, Ipv4Addr>,
+}
+
+/// The outcome of one reconciliation: what to serve, and what the user should fix.
+pub struct Reconciled {
+    pub state: DesiredState,
+    pub problems: Vec<String>,
+}
+
+/// A Service as this reconciliation would like to serve it, before cluster IPs are settled.
+struct Candidate<'a> {
+    located: &'a Located<objects::Service>,
+    definition: ServiceDefinition,
+    /// The last accepted definition, when it differs from `definition` and may stand in for it.
+    fallback: Option<ServiceDefinition>,
+    created: SystemTime,
+}
+
+impl ControlPlane {
+    pub fn new(config: &ControlPlaneConfig) -> anyhow::Result<Self> {
+        Ok(ControlPlane {
+            service_cidr: config.service_cidr.clone(),
+            allocator: ClusterIpAllocator::new(
+                config.service_cidr.clone(),
+                config.state_dir.as_deref(),
+            )?,
+            first_seen: HashMap::new(),
+            accepted: HashMap::new(),
+            cluster_ips: HashMap::new(),
+        })
+    }
+
+    pub fn reconcile(&mut self, objects: &ClusterObjects) -> Reconciled {
+        let mut problems = Vec::new();
+        let services = unique_services(&objects.services, &mut problems);
+        let now = SystemTime::now();
+        self.first_seen
+            .retain(|name, _| services.contains_key(name));
+        self.accepted.retain(|name, _| services.contains_key(name));
+
+        let mut candidates = BTreeMap::new();
+        for (name, located) in &services {
+            let (definition, fallback) = match validation::validate(located, &self.service_cidr) {
+                Validation::Proxied {
+                    definition,
+                    warnings,
+                } => {
+                    problems.extend(warnings);
+                    let fallback = self
+                        .accepted
+                        .get(name)
+                        .filter(|accepted| **accepted != definition)
+                        .cloned();
+                    (definition, fallback)
+                }
+                Validation::NotProxied(kind) => {
+                    tracing::debug!("{}: {kind} Service, nothing to proxy", located.context());
+                    self.accepted.remove(name);
+                    continue;
+                }
+                Validation::Invalid(errors) => {
+                    problems.extend(errors);
+                    let Some(accepted) = self.accepted.get(name) else {
+                        continue;
+                    };
+                    problems.push(format!(
+                        "{}: serving its last accepted version until the manifest is fixed",
+                        located.context()
+                    ));
+                    (accepted.clone(), None)
+                }
+            };
+            let created = definition
+                .created
+                .unwrap_or_else(|| *self.first_seen.entry(name.clone()).or_insert(now));
+            candidates.insert(
+                name.clone(),
+                Candidate {
+                    located,
+                    definition,
+                    fallback,
+                    created,
+                },
+            );
+        }
+
+        let reserved = self.reserve_explicit_cluster_ips(&mut candidates, &mut problems);
+        let to_allocate: Vec<ServiceName> = candidates
+            .iter()
+            .filter(|(_, candidate)| candidate.definition.cluster_ip == ClusterIpRequest::Allocate)
+            .map(|(name, _)| name.clone())
+            .collect();
+        let allocated = self.allocator.allocate(&to_allocate, &reserved);
+        if let Err(error) = self.allocator.save() {
+            problems.push(format!(
+                "{error:#}; Services without an explicit clusterIP may get new IPs when the agent restarts"
+            ));
+        }
+
+        let pods = PodIndex::new(&objects.pods, &mut problems);
+        let endpoint_objects =
+            EndpointObjectIndex::new(&objects.endpoints, &objects.endpoint_slices, &mut problems);
+        let mut state = DesiredState::default();
+        self.cluster_ips.clear();
+        for (name, candidate) in candidates {
+            let cluster_ip = match candidate.definition.cluster_ip {
+                ClusterIpRequest::Explicit(ip) => ip,
+                ClusterIpRequest::Allocate => match allocated.get(&name) {
+                    Some(&ip) => ip,
+                    None => {
+                        problems.push(format!(
+                            "{}: no free cluster IP left in the service CIDR {}",
+                            candidate.located.context(),
+                            self.service_cidr
+                        ));
+                        continue;
+                    }
+                },
+            };
+            let definition = candidate.definition;
+            let ports = definition
+                .ports
+                .iter()
+                .map(|port| ServicePort {
+                    name: port.name.clone(),
+                    port: port.port,
+                    protocol: port.protocol,
+                    endpoints: match &definition.selector {
+                        Some(selector) => pods.endpoints(
+                            &name.namespace,
+                            selector,
+                            definition.publish_not_ready_addresses,
+                            port,
+                        ),
+                        None => endpoint_objects.endpoints(&name, definition.ports.len(), port),
+                    },
+                })
+                .collect();
+            state.services.insert(
+                name.clone(),
+                Service {
+                    name: name.clone(),
+                    service_type: definition.service_type,
+                    cluster_ip,
+                    ports,
+                    created: candidate.created,
+                },
+            );
+            self.cluster_ips.insert(name.clone(), cluster_ip);
+            self.accepted.insert(name, definition);
+        }
+        Reconciled { state, problems }
+    }
+
+    /// Settles which Service gets each explicitly requested cluster IP. A conflict is won by the
+    /// Service that already had the IP, else by the oldest (as the API server would have refused
+    /// the later one). A loser falls back to its last accepted definition when that still fits,
+    /// and is otherwise left out. Returns the reserved IPs and who holds them.
+    fn reserve_explicit_cluster_ips(
+        &self,
+        candidates: &mut BTreeMap<ServiceName, Candidate>,
+        problems: &mut Vec<String>,
+    ) -> HashMap<Ipv4Addr, ServiceName> {
+        let mut claims: BTreeMap<Ipv4Addr, Vec<&ServiceName>> = BTreeMap::new();
+        for (name, candidate) in candidates.iter() {
+            if let ClusterIpRequest::Explicit(ip) = candidate.definition.cluster_ip {
+                claims.entry(ip).or_default().push(name);
+            }
+        }
+        let mut reserved = HashMap::new();
+        let mut losers = Vec::new();
+        for (ip, mut claimants) in claims {
+            claimants.sort_by_key(|name| {
+                let held_before = self.cluster_ips.get(*name) == Some(&ip);
+                (!held_before, candidates[*name].created, *name)
+            });
+            let winner = claimants[0];
+            for loser in &claimants[1..] {
+                problems.push(format!(
+                    "{}: spec.clusterIP: {ip} is already the cluster IP of Service {winner}",
+                    candidates[*loser].located.context()
+                ));
+                losers.push((*loser).clone());
+            }
+            reserved.insert(ip, winner.clone());
+        }
+        for loser in losers {
+            let mut candidate = candidates.remove(&loser).expect("losers are candidates");
+            let Some(fallback) = candidate.fallback.take() else {
+                continue;
+            };
+            if let ClusterIpRequest::Explicit(ip) = fallback.cluster_ip {
+                if reserved.contains_key(&ip) {
+                    continue;
+                }
+                reserved.insert(ip, loser.clone());
+            }
+            problems.push(format!(
+                "{}: serving its last accepted version until the conflict is resolved",
+                candidate.located.context()
+            ));
+            candidate.definition = fallback;
+            candidates.insert(loser, candidate);
+        }
+        reserved
+    }
+}
+
+/// The Services by name; a name defined twice keeps its first definition, as `kubectl apply`
+/// of both would leave only one object.
+fn unique_services<'a>(
+    services: &'a [Located<objects::Service>],
+    problems: &mut Vec<String>,
+) -> BTreeMap<ServiceName, &'a Located<objects::Service>> {
+    let mut unique: BTreeMap<ServiceName, &Located<objects::Service>> = BTreeMap::new();
+    for located in services {
+        let name = located.object.service_name();
+        match unique.get(&name) {
+            Some(first) => {
+                problems.push(format!(
+                    "{}: defined again; only the definition at {} is used",
+                    located.context(),
+                    first.origin
+                ));
+            }
+            None => {
+                unique.insert(name, located);
+            }
+        }
+    }
+    unique
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::{
+        controlplane::test_support::{TempDir, cluster_objects},
+        model::{Endpoint, Protocol, ServiceType},
+    };
+
+    fn control_plane(state_dir: Option<&std::path::Path>) -> ControlPlane {
+        ControlPlane::new(&ControlPlaneConfig {
+            service_cidr: DEFAULT_SERVICE_CIDR.parse().unwrap(),
+            state_dir: state_dir.map(Into::into),
+        })
+        .unwrap()
+    }
+
+    fn name(namespace: &str, name: &str) -> ServiceName {
+        ServiceName {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
+    fn ip(text: &str) -> Ipv4Addr {
+        text.parse().unwrap()
+    }
+
+    /// A minimal Service manifest: `spec` is the inside of a flow mapping.
+    fn service(metadata: &str, spec: &str) -> String {
+        format!("apiVersion: v1\nkind: Service\nmetadata: {{{metadata}}}\nspec: {{{spec}}}\n---\n")
+    }
+
+    fn cluster_ips(state: &DesiredState) -> Vec<(String, Ipv4Addr)> {
+        state
+            .services
+            .values()
+            .map(|service| (service.name.to_string(), service.cluster_ip))
+            .collect()
+    }
+
+    #[test]
+    fn builds_services_from_selected_pods() {
+        let objects = cluster_objects(&format!(
+            "{}{}{}",
+            service(
+                "name: web, namespace: shop, creationTimestamp: \"2024-01-01T00:00:00Z\"",
+                "type: LoadBalancer, clusterIP: 10.96.0.80, selector: {app: web},
+                 ports: [{name: http, port: 80, targetPort: web}, {name: dns, port: 53, protocol: UDP}]"
+            ),
+            "apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: shop, labels: {app: web}}
+spec:
+  nodeName: node-a
+  containers: [{ports: [{name: web, containerPort: 8080}, {name: dns, containerPort: 53, protocol: UDP}]}]
+status: {podIP: 10.0.0.7, conditions: [{type: Ready, status: \"True\"}]}
+---
+",
+            "apiVersion: v1
+kind: Pod
+metadata: {name: web-2, namespace: shop, labels: {app: web}}
+spec: {containers: [{ports: [{name: web, containerPort: 8081}]}]}
+status: {podIP: 10.0.0.3, conditions: [{type: Ready, status: \"True\"}]}
+"
+        ));
+        let reconciled = control_plane(None).reconcile(&objects);
+        assert!(reconciled.problems.is_empty(), "{:?}", reconciled.problems);
+        let web = &reconciled.state.services[&name("shop", "web")];
+        assert_eq!(web.service_type, ServiceType::LoadBalancer);
+        assert_eq!(web.cluster_ip, ip("10.96.0.80"));
+        assert_eq!(
+            web.created,
+            SystemTime::UNIX_EPOCH + Duration::from_secs(1_704_067_200)
+        );
+        let endpoint = |address: &str, port, node_name: Option<&str>| Endpoint {
+            address: ip(address),
+            port,
+            ready: true,
+            serving: true,
+            terminating: false,
+            node_name: node_name.map(Into::into),
+        };
+        assert_eq!(
+            web.ports,
+            [
+                ServicePort {
+                    name: "http".into(),
+                    port: 80,
+                    protocol: Protocol::Tcp,
+                    endpoints: vec![
+                        endpoint("10.0.0.3", 8081, None),
+                        endpoint("10.0.0.7", 8080, Some("node-a")),
+                    ],
+                },
+                ServicePort {
+                    name: "dns".into(),
+                    port: 53,
+                    protocol: Protocol::Udp,
+                    endpoints: vec![
+                        endpoint("10.0.0.3", 53, None),
+                        endpoint("10.0.0.7", 53, Some("node-a")),
+                    ],
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn services_without_selector_use_endpoint_objects() {
+        let objects = cluster_objects(&format!(
+            "{}{}",
+            service("name: db", "clusterIP: 10.96.0.5, ports: [{port: 5432}]"),
+            "apiVersion: v1
+kind: Endpoints
+metadata: {name: db}
+subsets: [{addresses: [{ip: 192.168.1.10}], ports: [{port: 5432}]}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: db-1, labels: {kubernetes.io/service-name: db}}
+addressType: IPv4
+ports: [{port: 5432}]
+endpoints: [{addresses: [192.168.1.10]}, {addresses: [192.168.1.11]}]
+"
+        ));
+        let state = control_plane(None).reconcile(&objects).state;
+        let endpoints: Vec<_> = state.services[&name("default", "db")].ports[0]
+            .endpoints
+            .iter()
+            .map(|e| (e.address, e.port))
+            .collect();
+        assert_eq!(
+            endpoints,
+            [(ip("192.168.1.10"), 5432), (ip("192.168.1.11"), 5432)]
+        );
+    }
+
+    #[test]
+    fn same_name_in_two_namespaces_and_unproxied_services() {
+        let objects = cluster_objects(&format!(
+            "{}{}{}{}",
+            service("name: web, namespace: a", "ports: [{port: 80}]"),
+            service("name: web, namespace: b", "ports: [{port: 80}]"),
+            service("name: headless", "clusterIP: None, ports: [{port: 80}]"),
+            service(
+                "name: external",
+                "type: ExternalName, externalName: example.com"
+            ),
+        ));
+        let reconciled = control_plane(None).reconcile(&objects);
+        assert!(reconciled.problems.is_empty(), "{:?}", reconciled.problems);
+        assert_eq!(
+            cluster_ips(&reconciled.state),
+            [
+                ("a/web".to_owned(), ip("10.96.0.2")),
+                ("b/web".to_owned(), ip("10.96.0.3"))
+            ]
+        );
+    }
+
+    #[test]
+    fn allocations_are_stable_across_control_planes_sharing_a_state_dir() {
+        let dir = TempDir::new("controlplane-restart");
+        let before = cluster_objects(&format!(
+            "{}{}",
+            service("name: m", "ports: [{port: 80}]"),
+            service("name: z", "ports: [{port: 80}]"),
+        ));
+        let first = control_plane(Some(dir.path())).reconcile(&before).state;
+        assert_eq!(
+            cluster_ips(&first),
+            [
+                ("default/m".to_owned(), ip("10.96.0.2")),
+                ("default/z".to_owned(), ip("10.96.0.3"))
+            ]
+        );
+
+        // After a restart, with a newcomer that sorts first and "m" gone.
+        let after = cluster_objects(&format!(
+            "{}{}",
+            service("name: a", "ports: [{port: 80}]"),
+            service("name: z", "ports: [{port: 80}]"),
+        ));
+        let mut restarted = control_plane(Some(dir.path()));
+        let second = restarted.reconcile(&after).state;
+        assert_eq!(
+            cluster_ips(&second),
+            [
+                ("default/a".to_owned(), ip("10.96.0.2")),
+                ("default/z".to_owned(), ip("10.96.0.3"))
+            ]
+        );
+        // And across reloads of the same instance.
+        assert_eq!(restarted.reconcile(&after).state, second);
+    }
+
+    #[test]
+    fn an_explicit_ip_outside_the_cidr_rejects_only_that_service() {
+        let objects = cluster_objects(&format!(
+            "{}{}",
+            service("name: bad", "clusterIP: 172.16.0.1, ports: [{port: 80}]"),
+            service("name: good", "clusterIP: 10.96.0.9, ports: [{port: 80}]"),
+        ));
+        let reconciled = control_plane(None).reconcile(&objects);
+        assert_eq!(
+            cluster_ips(&reconciled.state),
+            [("default/good".to_owned(), ip("10.96.0.9"))]
+        );
+        assert_eq!(
+            reconciled.problems,
+            [
+                "test.yaml: document 1 (Service default/bad): spec.clusterIP: 172.16.0.1 is outside the service CIDR 10.96.0.0/12"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_cluster_ip_conflict_names_both_services_and_the_holder_wins() {
+        let mut control_plane = control_plane(None);
+        let holder = service("name: zeta", "clusterIP: 10.96.0.10, ports: [{port: 80}]");
+        control_plane.reconcile(&cluster_objects(&holder));
+
+        // "alpha" is older and sorts first, but "zeta" already has the IP.
+        let newcomer = service(
+            "name: alpha, creationTimestamp: \"2020-01-01T00:00:00Z\"",
+            "clusterIP: 10.96.0.10, ports: [{port: 80}]",
+        );
+        let reconciled = control_plane.reconcile(&cluster_objects(&format!("{newcomer}{holder}")));
+        assert_eq!(
+            cluster_ips(&reconciled.state),
+            [("default/zeta".to_owned(), ip("10.96.0.10"))]
+        );
+        assert_eq!(
+            reconciled.problems,
+            [
+                "test.yaml: document 1 (Service default/alpha): spec.clusterIP: 10.96.0.10 is already the cluster IP of Service default/zeta"
+            ]
+        );
+
+        // Without history, the older Service wins.
+        let fresh = super::tests::control_plane(None)
+            .reconcile(&cluster_objects(&format!("{holder}{newcomer}")));
+        assert_eq!(
+            cluster_ips(&fresh.state),
+            [("default/alpha".to_owned(), ip("10.96.0.10"))]
+        );
+        assert!(
+            fresh.problems[0].contains("(Service default/zeta)"),
+            "{:?}",
+            fresh.problems
+        );
+        assert!(
+            fresh.problems[0].ends_with("Service default/alpha"),
+            "{:?}",
+            fresh.problems
+        );
+    }
+
+    #[test]
+    fn an_explicit_ip_moves_an_allocated_service() {
+        let mut control_plane = control_plane(None);
+        let auto = service("name: auto", "ports: [{port: 80}]");
+        let first = control_plane.reconcile(&cluster_objects(&auto)).state;
+        assert_eq!(
+            first.services[&name("default", "auto")].cluster_ip,
+            ip("10.96.0.2")
+        );
+
+        let explicit = service(
+            "name: explicit",
+            "clusterIP: 10.96.0.2, ports: [{port: 80}]",
+        );
+        let second = control_plane.reconcile(&cluster_objects(&format!("{auto}{explicit}")));
+        assert!(second.problems.is_empty(), "{:?}", second.problems);
+        assert_eq!(
+            cluster_ips(&second.state),
+            [
+                ("default/auto".to_owned(), ip("10.96.0.3")),
+                ("default/explicit".to_owned(), ip("10.96.0.2"))
+            ]
+        );
+    }
+
+    #[test]
+    fn an_invalid_update_keeps_the_last_accepted_version() {
+        let mut control_plane = control_plane(None);
+        let other = service("name: other", "ports: [{port: 81}]");
+        let good = service("name: web", "clusterIP: 10.96.0.7, ports: [{port: 80}]");
+        let accepted = control_plane
+            .reconcile(&cluster_objects(&format!("{good}{other}")))
+            .state;
+
+        let broken = service("name: web", "clusterIP: 10.96.0.7, ports: [{port: 0}]");
+        let other_changed = service("name: other", "ports: [{port: 82}]");
+        let reconciled =
+            control_plane.reconcile(&cluster_objects(&format!("{broken}{other_changed}")));
+        let web = name("default", "web");
+        assert_eq!(reconciled.state.services[&web], accepted.services[&web]);
+        assert_eq!(
+            reconciled.state.services[&name("default", "other")].ports[0].port,
+            82
+        );
+        assert_eq!(
+            reconciled.problems,
+            [
+                "test.yaml: document 1 (Service default/web): spec.ports[0].port: must be between 1 and 65535",
+                "test.yaml: document 1 (Service default/web): serving its last accepted version until the manifest is fixed",
+            ]
+        );
+
+        // A Service that was never accepted has nothing to fall back to.
+        let fresh = super::tests::control_plane(None).reconcile(&cluster_objects(&broken));
+        assert!(fresh.state.services.is_empty());
+
+        let fixed = service("name: web", "clusterIP: 10.96.0.7, ports: [{port: 8080}]");
+        let reconciled = control_plane.reconcile(&cluster_objects(&fixed));
+        assert_eq!(reconciled.state.services[&web].ports[0].port, 8080);
+        assert!(reconciled.problems.is_empty());
+    }
+
+    #[test]
+    fn a_conflicting_update_keeps_the_last_accepted_version() {
+        let mut control_plane = control_plane(None);
+        let holder = service("name: a", "clusterIP: 10.96.0.10, ports: [{port: 80}]");
+        let mover = service("name: b", "clusterIP: 10.96.0.20, ports: [{port: 80}]");
+        control_plane.reconcile(&cluster_objects(&format!("{holder}{mover}")));
+
+        let moved = service("name: b", "clusterIP: 10.96.0.10, ports: [{port: 80}]");
+        let reconciled = control_plane.reconcile(&cluster_objects(&format!("{holder}{moved}")));
+        assert_eq!(
+            cluster_ips(&reconciled.state),
+            [
+                ("default/a".to_owned(), ip("10.96.0.10")),
+                ("default/b".to_owned(), ip("10.96.0.20"))
+            ]
+        );
+        assert_eq!(reconciled.problems.len(), 2, "{:?}", reconciled.problems);
+        assert!(reconciled.problems[0].contains("is already the cluster IP of Service default/a"));
+    }
+
+    #[test]
+    fn created_is_the_first_sighting_when_the_manifest_has_no_timestamp() {
+        let mut control_plane = control_plane(None);
+        let objects = cluster_objects(&service("name: web", "ports: [{port: 80}]"));
+        let before = SystemTime::now();
+        let first =
+            control_plane.reconcile(&objects).state.services[&name("default", "web")].created;
+        assert!(first >= before && first <= SystemTime::now());
+        std::thread::sleep(Duration::from_millis(5));
+        let again =
+            control_plane.reconcile(&objects).state.services[&name("default", "web")].created;
+        assert_eq!(again, first);
+
+        // Deleted and recreated: a new Service, seen anew.
+        control_plane.reconcile(&ClusterObjects::default());
+        let recreated =
+            control_plane.reconcile(&objects).state.services[&name("default", "web")].created;
+        assert!(recreated > first);
+    }
+
+    #[test]
+    fn a_duplicate_definition_is_reported_and_ignored() {
+        let objects = cluster_objects(&format!(
+            "{}{}",
+            service("name: web", "ports: [{port: 80}]"),
+            service("name: web", "ports: [{port: 81}]"),
+        ));
+        let reconciled = control_plane(None).reconcile(&objects);
+        assert_eq!(
+            reconciled.state.services[&name("default", "web")].ports[0].port,
+            80
+        );
+        assert_eq!(
+            reconciled.problems,
+            [
+                "test.yaml: document 2 (Service default/web): defined again; only the definition at test.yaml: document 1 is used"
+            ]
+        );
+    }
+}

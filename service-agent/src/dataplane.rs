@@ -1,0 +1,187 @@
+//! Loading the kernel programs, owning their maps and pins.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData},
+    programs::SchedClassifier,
+};
+use service_common::{
+    BACKENDS_V4_MAP, BackendV4, CONNTRACK_V4_MAP, ConntrackEntryV4, ConntrackKeyV4, REV_NAT_V4_MAP,
+    RevNatV4, SERVICES_V4_MAP, ServiceEntry, ServiceKeyV4,
+};
+
+use crate::sync::{MapContents, MapOp};
+
+/// The kernel object, compiled by build.rs.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/service-ebpf"));
+
+/// Pins live in a subdirectory named after the map layout: aya does not check a reused pin's
+/// key or value size, so a layout change must move to a new directory rather than reuse old maps.
+const PIN_LAYOUT: &str = "v1";
+
+/// The TC program attached at ingress of pod-facing links.
+pub const POD_INGRESS_PROGRAM: &str = "pod_ingress";
+
+pub struct Dataplane {
+    ebpf: Ebpf,
+    pub maps: ServiceMaps,
+    /// Where the maps are pinned, if they are.
+    pin_dir: Option<PathBuf>,
+}
+
+impl Dataplane {
+    /// Loads the programs. With `pin_root`, the maps are pinned under it (and reused when a
+    /// previous agent left them there: its services and flows survive the restart).
+    pub fn load(pin_root: Option<&Path>) -> Result<Self> {
+        if EBPF_OBJECT.is_empty() {
+            bail!("this agent was built with AYA_BUILD_SKIP=1 and carries no eBPF object");
+        }
+        let mut loader = EbpfLoader::new();
+        let pin_dir = pin_root.map(|root| root.join(PIN_LAYOUT));
+        if let Some(dir) = &pin_dir {
+            fs::create_dir_all(dir).with_context(|| {
+                format!(
+                    "creating the pin directory {} (is bpffs mounted?)",
+                    dir.display()
+                )
+            })?;
+            for name in [
+                SERVICES_V4_MAP,
+                BACKENDS_V4_MAP,
+                REV_NAT_V4_MAP,
+                CONNTRACK_V4_MAP,
+            ] {
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
+        let mut ebpf = loader
+            .load(EBPF_OBJECT)
+            .context("loading the eBPF object (are you root, on a kernel with BTF?)")?;
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(POD_INGRESS_PROGRAM)
+            .context("the object has no pod_ingress program")?
+            .try_into()?;
+        program
+            .load()
+            .context("the verifier rejected pod_ingress")?;
+        let maps = ServiceMaps::take(&mut ebpf)?;
+        Ok(Self {
+            ebpf,
+            maps,
+            pin_dir,
+        })
+    }
+
+    pub fn pod_ingress(&mut self) -> &mut SchedClassifier {
+        self.ebpf
+            .program_mut(POD_INGRESS_PROGRAM)
+            .and_then(|program| program.try_into().ok())
+            .expect("pod_ingress was loaded in Dataplane::load")
+    }
+
+    /// Removes the pins (the maps themselves go when the last program or fd holding them does).
+    pub fn remove_pins(&self) -> Result<()> {
+        let Some(dir) = &self.pin_dir else {
+            return Ok(());
+        };
+        for name in [
+            SERVICES_V4_MAP,
+            BACKENDS_V4_MAP,
+            REV_NAT_V4_MAP,
+            CONNTRACK_V4_MAP,
+        ] {
+            let path = dir.join(name);
+            if path.exists() {
+                fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
+            }
+        }
+        fs::remove_dir(dir).with_context(|| format!("removing {}", dir.display()))?;
+        if let Some(root) = dir.parent() {
+            // Only if empty: the root may hold other things that are not ours.
+            let _ = fs::remove_dir(root);
+        }
+        Ok(())
+    }
+}
+
+/// Typed handles on the maps.
+pub struct ServiceMaps {
+    pub services: HashMap<MapData, ServiceKeyV4, ServiceEntry>,
+    pub backends: HashMap<MapData, u32, BackendV4>,
+    pub rev_nat: HashMap<MapData, u32, RevNatV4>,
+    pub conntrack: HashMap<MapData, ConntrackKeyV4, ConntrackEntryV4>,
+}
+
+impl ServiceMaps {
+    fn take(ebpf: &mut Ebpf) -> Result<Self> {
+        let mut take = |name: &str| {
+            ebpf.take_map(name)
+                .with_context(|| format!("the object has no {name} map"))
+        };
+        Ok(Self {
+            services: HashMap::try_from(take(SERVICES_V4_MAP)?)?,
+            backends: HashMap::try_from(take(BACKENDS_V4_MAP)?)?,
+            rev_nat: HashMap::try_from(take(REV_NAT_V4_MAP)?)?,
+            conntrack: HashMap::try_from(take(CONNTRACK_V4_MAP)?)?,
+        })
+    }
+
+    pub fn read_contents(&self) -> Result<MapContents> {
+        let mut contents = MapContents::default();
+        for item in self.services.iter() {
+            let (key, value) = item.context("reading SERVICES_V4")?;
+            contents.services.insert(key, value);
+        }
+        for item in self.backends.iter() {
+            let (key, value) = item.context("reading BACKENDS_V4")?;
+            contents.backends.insert(key, value);
+        }
+        for item in self.rev_nat.iter() {
+            let (key, value) = item.context("reading REV_NAT_V4")?;
+            contents.rev_nat.insert(key, value);
+        }
+        Ok(contents)
+    }
+
+    pub fn apply(&mut self, op: &MapOp) -> Result<()> {
+        match op {
+            MapOp::PutBackend(id, backend) => self.backends.insert(id, backend, 0)?,
+            MapOp::PutRevNat(id, rev_nat) => self.rev_nat.insert(id, rev_nat, 0)?,
+            MapOp::PutService(key, entry) => self.services.insert(key, entry, 0)?,
+            MapOp::DeleteService(key) => self.services.remove(key)?,
+            MapOp::DeleteRevNat(id) => self.rev_nat.remove(id)?,
+            MapOp::DeleteBackend(id) => self.backends.remove(id)?,
+        }
+        Ok(())
+    }
+
+    /// The conntrack keys whose entries match `stale`: collected first, since deleting while
+    /// iterating a hash map restarts the iteration.
+    pub fn conntrack_keys_where(
+        &self,
+        mut stale: impl FnMut(&ConntrackKeyV4, &ConntrackEntryV4) -> bool,
+    ) -> Result<Vec<ConntrackKeyV4>> {
+        let mut keys = Vec::new();
+        for item in self.conntrack.iter() {
+            let (key, entry) = item.context("reading CONNTRACK_V4")?;
+            if stale(&key, &entry) {
+                keys.push(key);
+            }
+        }
+        Ok(keys)
+    }
+
+    pub fn forget_flow(&mut self, key: &ConntrackKeyV4) -> Result<()> {
+        match self.conntrack.remove(key) {
+            // The LRU may have evicted it meanwhile: the goal is reached either way.
+            Err(aya::maps::MapError::KeyNotFound) | Ok(()) => Ok(()),
+            Err(err) => Err(err).context("deleting a conntrack entry"),
+        }
+    }
+}

@@ -1,0 +1,9 @@
+//! The node agent of the Service dataplane: sources -> desired model -> diff -> BPF maps.
+
+pub mod api;
+pub mod controlplane;
+pub mod dataplane;
+pub mod interfaces;
+pub mod manifest;
+pub mod model;
+pub mod sync;

@@ -1,0 +1,178 @@
+//! `service-agent`: the node agent of the Service dataplane.
+
+mod run;
+
+use std::{net::Ipv4Addr, path::PathBuf, process::ExitCode, time::SystemTime};
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use service_agent::{
+    api::{self, Scope},
+    controlplane::{ControlPlaneConfig, Ipv4Cidr},
+    manifest,
+};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Kubernetes Service dataplane in eBPF: replaces kube-proxy on a node"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load the dataplane and keep it in step with the manifests until SIGTERM.
+    Run(RunArgs),
+    /// Print what the running agent has programmed, as kubectl would.
+    Get(GetArgs),
+    /// Validate manifests without loading anything; exits non-zero with the reasons.
+    Check {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        #[arg(long, default_value = "10.96.0.0/12")]
+        service_cidr: Ipv4Cidr,
+    },
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// Kubernetes YAML: a file or a directory of them; repeatable. Changes are applied live.
+    #[arg(long = "manifests", required = true)]
+    manifests: Vec<PathBuf>,
+    /// Host-side links of pods (a glob such as 'lxc*'); repeatable. Links created later count.
+    #[arg(long = "pod-interface", required = true)]
+    pod_interfaces: Vec<String>,
+    /// Where ClusterIPs without an explicit spec.clusterIP are allocated.
+    #[arg(long, default_value = "10.96.0.0/12")]
+    service_cidr: Ipv4Cidr,
+    /// bpffs directory for the maps; removed on SIGTERM.
+    #[arg(long, default_value = "/sys/fs/bpf/service-dataplane")]
+    pin_dir: PathBuf,
+    /// Where the agent keeps ClusterIP allocations across restarts.
+    #[arg(long, default_value = "/var/lib/service-agent")]
+    state_dir: PathBuf,
+    /// Unix socket that `service-agent get` reads.
+    #[arg(long, default_value = api::DEFAULT_SOCKET)]
+    api_socket: PathBuf,
+    /// This node's IPs (NodePort frontends); repeatable.
+    #[arg(long = "node-ip")]
+    node_ips: Vec<Ipv4Addr>,
+    /// Links that face outside the cluster (NodePort, LoadBalancer); repeatable.
+    #[arg(long = "external-interface")]
+    external_interfaces: Vec<String>,
+    /// The range nodePorts are allocated from.
+    #[arg(long, default_value = "30000-32767", value_parser = parse_port_range)]
+    node_port_range: (u16, u16),
+    /// This node's name, as endpoints' nodeName gives it.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+}
+
+#[derive(Args)]
+struct GetArgs {
+    what: Resource,
+    /// Only this namespace.
+    #[arg(
+        short,
+        long,
+        default_value = "default",
+        conflicts_with = "all_namespaces"
+    )]
+    namespace: String,
+    /// Every namespace.
+    #[arg(short = 'A', long)]
+    all_namespaces: bool,
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    #[arg(long, default_value = api::DEFAULT_SOCKET)]
+    api_socket: PathBuf,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Resource {
+    #[value(alias = "svc", alias = "service")]
+    Services,
+    #[value(alias = "ep", alias = "endpoint")]
+    Endpoints,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
+    let (low, high) = text
+        .split_once('-')
+        .ok_or_else(|| format!("{text:?} is not a range like 30000-32767"))?;
+    let low: u16 = low.parse().map_err(|e| format!("{low:?}: {e}"))?;
+    let high: u16 = high.parse().map_err(|e| format!("{high:?}: {e}"))?;
+    if low == 0 || low > high {
+        return Err(format!(
+            "{text:?}: the range must be ascending and start above 0"
+        ));
+    }
+    Ok((low, high))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Get(args) => get(args).map(|()| ExitCode::SUCCESS),
+        Command::Check {
+            paths,
+            service_cidr,
+        } => check(&paths, service_cidr),
+    };
+    result.unwrap_or_else(|err| {
+        eprintln!("error: {err:#}");
+        ExitCode::FAILURE
+    })
+}
+
+fn get(args: GetArgs) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let services = runtime.block_on(api::fetch(&args.api_socket))?;
+    let scope = if args.all_namespaces {
+        Scope::All
+    } else {
+        Scope::Namespace(args.namespace)
+    };
+    let services = api::select(services, &scope);
+    match args.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&services)?),
+        Output::Table => {
+            let now = SystemTime::now();
+            let table = match args.what {
+                Resource::Services => api::services_table(&services, &scope, now),
+                Resource::Endpoints => api::endpoints_table(&services, &scope, now),
+            };
+            print!("{table}");
+        }
+    }
+    Ok(())
+}
+
+fn check(paths: &[PathBuf], service_cidr: Ipv4Cidr) -> Result<ExitCode> {
+    let config = ControlPlaneConfig {
+        service_cidr,
+        state_dir: None,
+    };
+    let problems = manifest::check(paths, &config)?;
+    for problem in &problems {
+        eprintln!("{problem}");
+    }
+    if problems.is_empty() {
+        println!("ok: {} path(s) valid", paths.len());
+        Ok(ExitCode::SUCCESS)
+    } else {
+        Ok(ExitCode::FAILURE)
+    }
+}

@@ -1,0 +1,8 @@
+//! Kubernetes YAML manifests (files or directories of them) as the source of the desired state,
+//! for nodes without an API server to watch, and for `service-agent check`.
+
+mod files;
+mod parse;
+mod watch;
+
+pub use watch::{ManifestSource, Refresh, check};

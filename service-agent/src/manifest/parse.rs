@@ -1,0 +1,485 @@
+//! One manifest file's text into API objects: YAML documents separated by `---` (JSON is YAML
+//! too), and lists (`kind: List` or `ServiceList`...) of objects. Every error names the file, the
+//! document and the field, so that it can be fixed without guesswork.
+
+use std::path::Path;
+
+use serde::{Deserialize, de::DeserializeOwned};
+use serde_yaml::Value;
+
+use crate::controlplane::objects::{Located, Object, Origin};
+
+/// The understood objects of a file, or every problem found in it: a file is used whole or not
+/// at all, so that half of an edit never goes live.
+pub fn parse_manifest(file: &Path, text: &str) -> Result<Vec<Located<Object>>, Vec<String>> {
+    let mut objects = Vec::new();
+    let mut problems = Vec::new();
+    for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let origin = format!("{}: document {}", file.display(), index + 1);
+        match Value::deserialize(document) {
+            Ok(value) => parse_object(value, origin, None, &mut objects, &mut problems),
+            Err(error) => {
+                // The YAML stream is broken from here on; the parser would only repeat the error.
+                problems.push(format!("{origin}: {error}"));
+                break;
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(objects)
+    } else {
+        Err(problems)
+    }
+}
+
+/// A list's kind and apiVersion, which the API server leaves out of a typed list's items.
+struct ListItemType<'a> {
+    kind: &'a str,
+    api_version: &'a str,
+}
+
+fn parse_object(
+    mut value: Value,
+    origin: String,
+    list_item_type: Option<ListItemType>,
+    objects: &mut Vec<Located<Object>>,
+    problems: &mut Vec<String>,
+) {
+    // An empty document, e.g. after a trailing `---`.
+    if value.is_null() {
+        return;
+    }
+    // YAML merge keys (`<<: *defaults`) are resolved as kubectl resolves them.
+    if let Err(error) = value.apply_merge() {
+        problems.push(format!("{origin}: {error}"));
+        return;
+    }
+    if !value.is_mapping() {
+        problems.push(format!(
+            "{origin}: expected a Kubernetes object (a mapping with apiVersion and kind)"
+        ));
+        return;
+    }
+    let string_field = |name: &str, inherited: Option<&str>| match value.get(name) {
+        Some(Value::String(text)) => Ok(text.clone()),
+        None | Some(Value::Null) => inherited
+            .map(str::to_owned)
+            .ok_or_else(|| format!("{origin}: {name}: missing")),
+        Some(_) => Err(format!("{origin}: {name}: must be a string")),
+    };
+    let (kind, api_version) = match (
+        string_field("kind", list_item_type.as_ref().map(|t| t.kind)),
+        string_field("apiVersion", list_item_type.as_ref().map(|t| t.api_version)),
+    ) {
+        (Ok(kind), Ok(api_version)) => (kind, api_version),
+        (kind, api_version) => {
+            problems.extend(kind.err().into_iter().chain(api_version.err()));
+            return;
+        }
+    };
+    let described = format!("{origin} ({kind} {})", qualified_name(&value));
+    // The version within the group is not checked: the fields read here are the same in all
+    // of them.
+    let group = api_version
+        .rsplit_once('/')
+        .map_or("", |(group, _version)| group);
+    let object = match (group, kind.as_str()) {
+        ("", "Service") => deserialize(value, &described).map(Object::Service),
+        ("", "Pod") => deserialize(value, &described).map(Object::Pod),
+        ("", "Endpoints") => deserialize(value, &described).map(Object::Endpoints),
+        ("discovery.k8s.io", "EndpointSlice") => {
+            deserialize(value, &described).map(Object::EndpointSlice)
+        }
+        (_, list_kind) if list_kind.ends_with("List") => {
+            parse_list(value, &origin, list_kind, &api_version, objects, problems);
+            return;
+        }
+        _ => {
+            tracing::debug!("{described}: not a kind a Service proxy needs; skipped");
+            return;
+        }
+    };
+    match object {
+        Ok(object) => objects.push(Located {
+            origin: Origin::new(origin),
+            object,
+        }),
+        Err(problem) => problems.push(problem),
+    }
+}
+
+fn parse_list(
+    mut list: Value,
+    origin: &str,
+    list_kind: &str,
+    api_version: &str,
+    objects: &mut Vec<Located<Object>>,
+    problems: &mut Vec<String>,
+) {
+    let items = match list.get_mut("items").map(std::mem::take) {
+        None | Some(Value::Null) => return,
+        Some(Value::Sequence(items)) => items,
+        Some(_) => {
+            problems.push(format!("{origin} ({list_kind}): items: must be a list"));
+            return;
+        }
+    };
+    // `ServiceList` items are Services; a plain `List` says the kind of each of its items.
+    let item_type = match list_kind.strip_suffix("List") {
+        Some(item_kind) if !item_kind.is_empty() => Some(ListItemType {
+            kind: item_kind,
+            api_version,
+        }),
+        _ => None,
+    };
+    for (index, item) in items.into_iter().enumerate() {
+        let item_type = item_type.as_ref().map(|t| ListItemType {
+            kind: t.kind,
+            api_version: t.api_version,
+        });
+        parse_object(
+            item,
+            format!("{origin}, items[{index}]"),
+            item_type,
+            objects,
+            problems,
+        );
+    }
+}
+
+/// `namespace/name` for messages, read leniently since the object has not been checked yet.
+fn qualified_name(value: &Value) -> String {
+    let metadata = value.get("metadata");
+    let field = |name: &str| metadata.and_then(|m| m.get(name)).and_then(Value::as_str);
+    let namespace = field("namespace")
+        .filter(|ns| !ns.is_empty())
+        .unwrap_or("default");
+    format!("{namespace}/{}", field("name").unwrap_or("<unnamed>"))
+}
+
+fn deserialize<T: DeserializeOwned>(value: Value, described: &str) -> Result<T, String> {
+    serde_path_to_error::deserialize(value).map_err(|error| {
+        let path = error.path().to_string();
+        // "." is the path of the object itself, e.g. for a missing top-level field.
+        if path == "." {
+            format!("{described}: {}", error.inner())
+        } else {
+            format!("{described}: {path}: {}", error.inner())
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::controlplane::objects::{AddressType, PodPhase, Protocol, ServiceType, TargetPort};
+
+    fn parse(text: &str) -> Vec<Located<Object>> {
+        parse_manifest(Path::new("examples/web.yaml"), text).unwrap_or_else(|problems| {
+            panic!("unexpected problems: {problems:#?}");
+        })
+    }
+
+    fn problems(text: &str) -> Vec<String> {
+        match parse_manifest(Path::new("examples/web.yaml"), text) {
+            Ok(objects) => panic!("expected problems, parsed {} objects", objects.len()),
+            Err(problems) => problems,
+        }
+    }
+
+    const SERVICE: &str = "
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  namespace: shop
+  creationTimestamp: \"2024-02-29T12:34:56Z\"
+  labels: {app: web}
+  annotations: {unknown: fields are fine}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.20
+  clusterIPs: [10.96.0.20]
+  selector: {app: web}
+  publishNotReadyAddresses: true
+  ports:
+  - {name: http, port: 80, targetPort: http, nodePort: 30080}
+  - {name: dns, port: 53, targetPort: 5353, protocol: UDP}
+  - {name: sig, port: 9, protocol: SCTP}
+status: {loadBalancer: {}}
+";
+
+    #[test]
+    fn parses_a_service() {
+        let objects = parse(SERVICE);
+        let [
+            Located {
+                origin,
+                object: Object::Service(service),
+            },
+        ] = objects.as_slice()
+        else {
+            panic!("expected one Service, got {objects:?}");
+        };
+        assert_eq!(origin.to_string(), "examples/web.yaml: document 1");
+        assert_eq!(service.metadata.name, "web");
+        assert_eq!(service.metadata.namespace(), "shop");
+        assert_eq!(
+            service.metadata.creation_timestamp,
+            Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_709_210_096))
+        );
+        let spec = &service.spec;
+        assert_eq!(spec.service_type, ServiceType::NodePort);
+        assert_eq!(spec.cluster_ip.as_deref(), Some("10.96.0.20"));
+        assert_eq!(spec.cluster_ips, ["10.96.0.20"]);
+        assert_eq!(spec.selector["app"], "web");
+        assert!(spec.publish_not_ready_addresses);
+        assert_eq!(
+            spec.ports[0].target_port,
+            Some(TargetPort::Name("http".into()))
+        );
+        assert_eq!(spec.ports[0].node_port, Some(30080));
+        assert_eq!(spec.ports[0].protocol, Protocol::Tcp);
+        assert_eq!(spec.ports[1].target_port, Some(TargetPort::Number(5353)));
+        assert_eq!(spec.ports[1].protocol, Protocol::Udp);
+        assert_eq!(spec.ports[2].protocol, Protocol::Sctp);
+        assert_eq!(spec.ports[2].target_port, None);
+    }
+
+    #[test]
+    fn parses_pods_endpoints_and_slices_across_documents() {
+        let objects = parse(
+            "
+# A comment alone is no document; an empty one between two `---` is.
+---
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web-1
+  labels: {app: web}
+  deletionTimestamp: \"2024-01-01T00:00:00Z\"
+spec:
+  nodeName: node-a
+  containers:
+  - name: app
+    image: nginx
+    ports: [{name: http, containerPort: 8080, protocol: TCP}]
+status:
+  phase: Running
+  podIP: 10.0.0.5
+  podIPs: [{ip: 10.0.0.5}]
+  conditions: [{type: Ready, status: \"True\"}, {type: PodScheduled, status: \"True\"}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec: {replicas: 3}
+---
+apiVersion: v1
+kind: Endpoints
+metadata: {name: db, namespace: data}
+subsets:
+- addresses: [{ip: 10.0.1.2, nodeName: node-b}]
+  notReadyAddresses: [{ip: 10.0.1.3}]
+  ports: [{name: sql, port: 5432, protocol: TCP}]
+---
+{\"apiVersion\": \"discovery.k8s.io/v1\", \"kind\": \"EndpointSlice\",
+ \"metadata\": {\"name\": \"db-abc\", \"labels\": {\"kubernetes.io/service-name\": \"db\"}},
+ \"addressType\": \"IPv4\",
+ \"endpoints\": [{\"addresses\": [\"10.0.1.4\"], \"conditions\": {\"ready\": false, \"terminating\": true}, \"nodeName\": \"node-c\"}],
+ \"ports\": [{\"name\": \"sql\", \"port\": 5432}]}
+---
+",
+        );
+        let origins: Vec<String> = objects.iter().map(|o| o.origin.to_string()).collect();
+        assert_eq!(
+            origins,
+            [
+                "examples/web.yaml: document 2",
+                "examples/web.yaml: document 4",
+                "examples/web.yaml: document 5"
+            ]
+        );
+        let Object::Pod(pod) = &objects[0].object else {
+            panic!("document 2 is a Pod")
+        };
+        assert!(pod.metadata.deletion_timestamp.is_some());
+        assert_eq!(pod.spec.node_name.as_deref(), Some("node-a"));
+        assert_eq!(pod.spec.containers[0].ports[0].container_port, 8080);
+        assert_eq!(
+            pod.spec.containers[0].ports[0].name.as_deref(),
+            Some("http")
+        );
+        assert_eq!(pod.status.phase, Some(PodPhase::Running));
+        assert_eq!(pod.status.pod_ips[0].ip, "10.0.0.5");
+        assert_eq!(pod.status.conditions[0].condition_type, "Ready");
+        assert_eq!(pod.status.conditions[0].status, "True");
+
+        let Object::Endpoints(endpoints) = &objects[1].object else {
+            panic!("document 4 is an Endpoints")
+        };
+        assert_eq!(endpoints.metadata.namespace(), "data");
+        let subset = &endpoints.subsets[0];
+        assert_eq!(subset.addresses[0].ip, "10.0.1.2");
+        assert_eq!(subset.addresses[0].node_name.as_deref(), Some("node-b"));
+        assert_eq!(subset.not_ready_addresses[0].ip, "10.0.1.3");
+        assert_eq!(subset.ports[0].port, Some(5432));
+
+        let Object::EndpointSlice(slice) = &objects[2].object else {
+            panic!("document 5 is an EndpointSlice")
+        };
+        assert_eq!(slice.address_type, AddressType::IPv4);
+        assert_eq!(slice.metadata.labels["kubernetes.io/service-name"], "db");
+        let endpoint = &slice.endpoints[0];
+        assert_eq!(
+            endpoint.addresses[0].parse::<Ipv4Addr>().unwrap(),
+            Ipv4Addr::new(10, 0, 1, 4)
+        );
+        assert_eq!(endpoint.conditions.ready, Some(false));
+        assert_eq!(endpoint.conditions.serving, None);
+        assert_eq!(endpoint.conditions.terminating, Some(true));
+        assert_eq!(endpoint.node_name.as_deref(), Some("node-c"));
+    }
+
+    #[test]
+    fn parses_lists_and_typed_lists() {
+        let objects = parse(
+            "
+apiVersion: v1
+kind: List
+items:
+- {apiVersion: v1, kind: ConfigMap, metadata: {name: settings}}
+- {apiVersion: v1, kind: Service, metadata: {name: a}, spec: {ports: [{port: 80}]}}
+---
+apiVersion: v1
+kind: ServiceList
+items:
+- {metadata: {name: b}, spec: {ports: [{port: 81}]}}
+",
+        );
+        let described: Vec<String> = objects
+            .iter()
+            .map(|located| match &located.object {
+                Object::Service(service) => {
+                    format!("{}: {}", located.origin, service.metadata.name)
+                }
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            described,
+            [
+                "examples/web.yaml: document 1, items[1]: a",
+                "examples/web.yaml: document 2, items[0]: b"
+            ]
+        );
+    }
+
+    #[test]
+    fn errors_name_file_document_object_and_field() {
+        let problems = problems(
+            "
+apiVersion: v1
+kind: Service
+metadata: {name: fine}
+spec: {ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  ports:
+  - port: eighty
+",
+        );
+        assert_eq!(
+            problems,
+            [
+                "examples/web.yaml: document 2 (Service default/web): spec.ports[0].port: invalid type: string \"eighty\", expected u16"
+            ]
+        );
+    }
+
+    #[test]
+    fn reports_every_broken_document() {
+        let problems = problems(
+            "
+kind: Service
+metadata: {name: no-version}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: p, namespace: ns}
+spec: {containers: [{ports: [{containerPort: 70000}]}]}
+---
+apiVersion: v1
+kind: List
+items:
+- {apiVersion: v1, kind: Service, metadata: {name: s}, spec: {type: Magic}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: late, creationTimestamp: last tuesday}
+---
+apiVersion: v1
+kind: Service
+spec: {}
+---
+- just
+- a list
+",
+        );
+        let expected = [
+            "examples/web.yaml: document 1: apiVersion: missing",
+            "examples/web.yaml: document 2 (Pod ns/p): spec.containers[0].ports[0].containerPort: invalid value: integer `70000`, expected u16",
+            "examples/web.yaml: document 3, items[0] (Service default/s): spec.type: unknown variant `Magic`, expected one of",
+            "examples/web.yaml: document 4 (Service default/late): metadata.creationTimestamp: \"last tuesday\" is not an RFC 3339 time",
+            "examples/web.yaml: document 5 (Service default/<unnamed>): missing field `metadata`",
+            "examples/web.yaml: document 6: expected a Kubernetes object",
+        ];
+        assert_eq!(problems.len(), expected.len(), "{problems:#?}");
+        for (problem, expected) in problems.iter().zip(expected) {
+            assert!(
+                problem.starts_with(expected),
+                "{problem:?} does not start with {expected:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn yaml_syntax_errors_name_the_document() {
+        let problems = problems(
+            "apiVersion: v1\nkind: ConfigMap\n---\nmetadata: {name: [unclosed\n---\nkind: Pod\n",
+        );
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].starts_with("examples/web.yaml: document 2: ")
+                && problems[0].contains("line 4"),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn merge_keys_are_resolved() {
+        let objects = parse(
+            "
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  ports:
+  - &common {port: 80, protocol: UDP}
+  - <<: *common
+    port: 81
+",
+        );
+        let Object::Service(service) = &objects[0].object else {
+            panic!("expected a Service")
+        };
+        assert_eq!(service.spec.ports[1].port, 81);
+        assert_eq!(service.spec.ports[1].protocol, Protocol::Udp);
+    }
+}

@@ -1,0 +1,117 @@
+//! `service-agent run`: load, attach, then keep the maps in step with the manifests.
+
+use std::{fs, sync::Arc, time::Duration};
+
+use anyhow::{Context as _, Result};
+use service_agent::{
+    api, controlplane::ControlPlaneConfig, dataplane::Dataplane, interfaces::PodLinks,
+    manifest::ManifestSource, model::DesiredState, sync::Syncer,
+};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::watch,
+};
+use tracing_subscriber::EnvFilter;
+
+use crate::RunArgs;
+
+/// How often manifests and links are looked at. Both are a few stat/netlink calls when nothing
+/// changed.
+const POLL_INTERVAL: Duration = Duration::from_millis(250);
+
+pub fn run(args: RunArgs) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .init();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(serve(args))
+}
+
+async fn serve(args: RunArgs) -> Result<()> {
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    tracing::info!(
+        node_ips = ?args.node_ips,
+        external_interfaces = ?args.external_interfaces,
+        node_port_range = ?args.node_port_range,
+        node_name = ?args.node_name,
+        "node settings (used by NodePort and traffic policies)"
+    );
+
+    let mut dataplane = Dataplane::load(Some(&args.pin_dir))?;
+    tracing::info!(pin_dir = %args.pin_dir.display(), "dataplane loaded");
+    let result = sync_until_signal(&args, &mut dataplane, &mut terminate, &mut interrupt).await;
+    dataplane.remove_pins()?;
+    tracing::info!("programs detached and pins removed");
+    result
+}
+
+async fn sync_until_signal(
+    args: &RunArgs,
+    dataplane: &mut Dataplane,
+    terminate: &mut tokio::signal::unix::Signal,
+    interrupt: &mut tokio::signal::unix::Signal,
+) -> Result<()> {
+    let mut syncer = Syncer::new(&dataplane.maps)?;
+    let mut links = PodLinks::new(args.pod_interfaces.clone());
+    let mut source = ManifestSource::new(
+        args.manifests.clone(),
+        ControlPlaneConfig {
+            service_cidr: args.service_cidr.clone(),
+            state_dir: Some(args.state_dir.clone()),
+        },
+    )?;
+    let (published, state) = watch::channel(Arc::new(DesiredState::default()));
+    let _api = api::serve(&args.api_socket, state)?;
+
+    let mut ticks = tokio::time::interval(POLL_INTERVAL);
+    let result = loop {
+        tokio::select! {
+            _ = terminate.recv() => break Ok(()),
+            _ = interrupt.recv() => break Ok(()),
+            _ = ticks.tick() => {}
+        }
+        if let Err(err) = attach_new_links(&mut links, dataplane) {
+            tracing::error!("{err:#}");
+        }
+        let refresh = match source.refresh() {
+            Ok(Some(refresh)) => refresh,
+            Ok(None) => continue,
+            Err(err) => break Err(err),
+        };
+        match syncer.sync(&refresh.state, &mut dataplane.maps) {
+            Ok(report) => {
+                tracing::info!(
+                    services = refresh.state.services.len(),
+                    map_writes = report.map_writes,
+                    conntrack_purged = report.conntrack_purged,
+                    problems = refresh.problems.len(),
+                    "synced"
+                );
+                published.send_replace(Arc::new(refresh.state));
+            }
+            // The maps hold the last good state plus whatever writes succeeded; the next change
+            // retries from what the syncer knows was written.
+            Err(err) => tracing::error!("sync failed: {err:#}"),
+        }
+    };
+    links.detach_all(dataplane.pod_ingress());
+    result
+}
+
+fn attach_new_links(links: &mut PodLinks, dataplane: &mut Dataplane) -> Result<()> {
+    for name in links.reconcile(dataplane.pod_ingress())? {
+        // Replies leave the backend's link with the service IP as source, for which the node
+        // has no route back through that link: reverse-path filtering would drop them.
+        // The effective value is max(all, link), so both must be 0 (Cilium does the same).
+        for conf in ["all", name.as_str()] {
+            let path = format!("/proc/sys/net/ipv4/conf/{conf}/rp_filter");
+            fs::write(&path, "0").with_context(|| format!("writing 0 to {path}"))?;
+        }
+    }
+    Ok(())
+}

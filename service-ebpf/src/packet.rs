@@ -1,0 +1,74 @@
+//! Bounds-checked parsing of Ethernet / IPv4 / TCP|UDP headers.
+//!
+//! A packet is only ever rewritten when everything the rewrite touches was read successfully:
+//! any header that does not fit in the packet, any fragment (the L4 header is only in the first
+//! one, and rewriting that one alone would split the datagram between two hosts), an IHL below
+//! the minimum or a total length that does not cover the L4 header all make [`parse`] return
+//! `None`, and the caller passes the packet untouched.
+
+use aya_ebpf::programs::TcContext;
+use network_types::{
+    eth::{EthHdr, EtherType},
+    ip::Ipv4Hdr,
+    tcp::TcpHdr,
+    udp::UdpHdr,
+};
+use service_common::{IPPROTO_TCP, IPPROTO_UDP};
+
+/// Where the fields the NAT touches sit in the packet, and their values (network byte order).
+pub struct Ipv4Flow {
+    pub src_address: u32,
+    pub dst_address: u32,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub protocol: u8,
+    /// Offset of the L4 header: the IPv4 header may carry options.
+    pub l4_offset: usize,
+}
+
+pub const IPV4_OFFSET: usize = EthHdr::LEN;
+/// Offsets inside the IPv4 header.
+pub const IPV4_CHECK: usize = IPV4_OFFSET + 10;
+pub const IPV4_SRC: usize = IPV4_OFFSET + 12;
+pub const IPV4_DST: usize = IPV4_OFFSET + 16;
+
+/// More-fragments flag and fragment offset, in host order of the `frags` field.
+const IPV4_MF_AND_OFFSET: u16 = 0x3fff;
+
+#[inline(always)]
+pub fn parse(ctx: &TcContext) -> Option<Ipv4Flow> {
+    let ether_type: u16 = ctx.load(12).ok()?;
+    if ether_type != EtherType::Ipv4 as u16 {
+        return None;
+    }
+    let ip: Ipv4Hdr = ctx.load(IPV4_OFFSET).ok()?;
+    let ihl = usize::from(ip.ihl());
+    if ip.version() != 4 || ihl < Ipv4Hdr::LEN {
+        return None;
+    }
+    if u16::from_be_bytes(ip.frags) & IPV4_MF_AND_OFFSET != 0 {
+        return None;
+    }
+    let l4_header_len = match ip.proto {
+        IPPROTO_TCP => TcpHdr::LEN,
+        IPPROTO_UDP => UdpHdr::LEN,
+        _ => return None,
+    };
+    if usize::from(u16::from_be_bytes(ip.tot_len)) < ihl + l4_header_len {
+        return None;
+    }
+    let l4_offset = IPV4_OFFSET + ihl;
+    // The whole L4 header, checksum included, must be in the packet, not just the ports.
+    if (ctx.len() as usize) < l4_offset + l4_header_len {
+        return None;
+    }
+    let ports: [u16; 2] = ctx.load(l4_offset).ok()?;
+    Some(Ipv4Flow {
+        src_address: u32::from_ne_bytes(ip.src_addr),
+        dst_address: u32::from_ne_bytes(ip.dst_addr),
+        src_port: ports[0],
+        dst_port: ports[1],
+        protocol: ip.proto,
+        l4_offset,
+    })
+}

@@ -1,0 +1,123 @@
+//! The workload of a backend pod: a TCP and a UDP server that answer with the pod's name, so that a
+//! client can tell which backend the agent picked (what `agnhost serve-hostname` does in the
+//! Kubernetes e2e tests).
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    os::fd::{AsRawFd, RawFd},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::{self, JoinHandle},
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+
+use crate::{netns, topology::Pod};
+
+/// The backend's TCP port: reads lines, answers each with `<pod name>\n`.
+pub const TCP_PORT: u16 = 8080;
+/// The backend's UDP port: answers each datagram with `<pod name>`.
+pub const UDP_PORT: u16 = 5353;
+
+/// How long a connection may stay idle before the server drops it, so that a client that never
+/// closes cannot keep a thread alive past its test.
+const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The running servers of one pod; stopped, and their sockets closed, on drop.
+pub struct BackendServer {
+    stopping: Arc<AtomicBool>,
+    /// Descriptors of the listening sockets, owned by `threads`.
+    sockets: Vec<RawFd>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl BackendServer {
+    pub fn start(pod: &Pod) -> Result<Self> {
+        let (listener, udp) = netns::enter(&pod.netns, || {
+            let any = |port| SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port);
+            let listener = TcpListener::bind(any(TCP_PORT)).context("TCP bind")?;
+            let udp = UdpSocket::bind(any(UDP_PORT)).context("UDP bind")?;
+            Ok((listener, udp))
+        })
+        .with_context(|| format!("cannot start the servers of pod {}", pod.name))?;
+
+        let stopping = Arc::new(AtomicBool::new(false));
+        let sockets = vec![listener.as_raw_fd(), udp.as_raw_fd()];
+        let threads = vec![
+            spawn_tcp_server(listener, pod.name.clone(), stopping.clone()),
+            spawn_udp_server(udp, pod.name.clone(), stopping.clone()),
+        ];
+        Ok(Self {
+            stopping,
+            sockets,
+            threads,
+        })
+    }
+}
+
+impl Drop for BackendServer {
+    fn drop(&mut self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        for &socket in &self.sockets {
+            // Wakes the threads blocked in accept/recv; they see `stopping`, return, and close
+            // the sockets. The descriptors are still open: only those threads close them.
+            // SAFETY: shutdown does not touch memory, and the descriptor is valid (see above).
+            unsafe { libc::shutdown(socket, libc::SHUT_RDWR) };
+        }
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn spawn_tcp_server(
+    listener: TcpListener,
+    name: String,
+    stopping: Arc<AtomicBool>,
+) -> JoinHandle<()> {
+    thread::spawn(move || {
+        for connection in listener.incoming() {
+            if stopping.load(Ordering::SeqCst) {
+                return;
+            }
+            if let Ok(connection) = connection {
+                let name = name.clone();
+                thread::spawn(move || answer_lines(connection, &name));
+            }
+        }
+    })
+}
+
+/// Answers every line of the connection until the client closes it (so that a client can check
+/// that one connection stays on one backend) or stays idle too long.
+fn answer_lines(connection: TcpStream, name: &str) {
+    if connection
+        .set_read_timeout(Some(IDLE_CONNECTION_TIMEOUT))
+        .is_err()
+    {
+        return;
+    }
+    let Ok(mut writer) = connection.try_clone() else {
+        return;
+    };
+    for line in BufReader::new(connection).lines() {
+        if line.is_err() || writeln!(writer, "{name}").is_err() {
+            return;
+        }
+    }
+}
+
+fn spawn_udp_server(socket: UdpSocket, name: String, stopping: Arc<AtomicBool>) -> JoinHandle<()> {
+    thread::spawn(move || {
+        let mut datagram = [0u8; 1500];
+        while !stopping.load(Ordering::SeqCst) {
+            if let Ok((_, client)) = socket.recv_from(&mut datagram) {
+                let _ = socket.send_to(name.as_bytes(), client);
+            }
+        }
+    })
+}
