@@ -19,10 +19,11 @@ pub const BACKENDS_V4_MAP: &str = "BACKENDS_V4";
 pub const REV_NAT_V4_MAP: &str = "REV_NAT_V4";
 pub const CONNTRACK_V4_MAP: &str = "CONNTRACK_V4";
 
-/// Default capacities; the agent may raise them at load time.
-pub const SERVICES_V4_MAX_ENTRIES: u32 = 262_144;
-pub const BACKENDS_V4_MAX_ENTRIES: u32 = 131_072;
-pub const REV_NAT_V4_MAX_ENTRIES: u32 = 65_536;
+/// Capacities: 100,000 service ports with 4 slots on average (slot 0 and 3 backends), as many
+/// distinct backends as a 100,000-pod cluster has, one rev-NAT entry per service port.
+pub const SERVICES_V4_MAX_ENTRIES: u32 = 524_288;
+pub const BACKENDS_V4_MAX_ENTRIES: u32 = 262_144;
+pub const REV_NAT_V4_MAX_ENTRIES: u32 = 131_072;
 pub const CONNTRACK_V4_MAX_ENTRIES: u32 = 262_144;
 
 /// Key of `SERVICES_V4`: one frontend (virtual IP, port, protocol) and a slot.

@@ -9,17 +9,22 @@ use service_common::{
     REV_NAT_V4_MAX_ENTRIES, RevNatV4, SERVICES_V4_MAX_ENTRIES, ServiceEntry, ServiceKeyV4,
 };
 
+/// Service maps are sized for 100,000 services but allocate entries as the agent writes them
+/// (BPF_F_NO_PREALLOC): a node with ten services should not pin tens of megabytes of kernel memory.
+/// Lookups cost the same either way; only the agent's updates allocate.
+const NO_PREALLOC: u32 = 1;
+
 #[map]
 pub static SERVICES_V4: HashMap<ServiceKeyV4, ServiceEntry> =
-    HashMap::with_max_entries(SERVICES_V4_MAX_ENTRIES, 0);
+    HashMap::with_max_entries(SERVICES_V4_MAX_ENTRIES, NO_PREALLOC);
 
 #[map]
 pub static BACKENDS_V4: HashMap<u32, BackendV4> =
-    HashMap::with_max_entries(BACKENDS_V4_MAX_ENTRIES, 0);
+    HashMap::with_max_entries(BACKENDS_V4_MAX_ENTRIES, NO_PREALLOC);
 
 #[map]
 pub static REV_NAT_V4: HashMap<u32, RevNatV4> =
-    HashMap::with_max_entries(REV_NAT_V4_MAX_ENTRIES, 0);
+    HashMap::with_max_entries(REV_NAT_V4_MAX_ENTRIES, NO_PREALLOC);
 
 /// LRU: a flow nobody closes (UDP, a vanished client) ages out instead of filling the table.
 #[map]
