@@ -4,8 +4,13 @@ use std::{fs, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result};
 use service_agent::{
-    api, controlplane::ControlPlaneConfig, dataplane::Dataplane, interfaces::PodLinks,
-    manifest::ManifestSource, model::DesiredState, sync::Syncer,
+    api,
+    controlplane::ControlPlaneConfig,
+    dataplane::Dataplane,
+    interfaces::PodLinks,
+    manifest::{ManifestEvents, ManifestSource},
+    model::DesiredState,
+    sync::Syncer,
 };
 use tokio::{
     signal::unix::{SignalKind, signal},
@@ -15,8 +20,8 @@ use tracing_subscriber::EnvFilter;
 
 use crate::RunArgs;
 
-/// How often manifests and links are looked at. Both are a few stat/netlink calls when nothing
-/// changed.
+/// How often manifests and links are looked at, besides the inotify wake-ups on manifest changes.
+/// Both are a few stat/netlink calls when nothing changed.
 const POLL_INTERVAL: Duration = Duration::from_millis(250);
 
 pub fn run(args: RunArgs) -> Result<()> {
@@ -68,12 +73,20 @@ async fn sync_until_signal(
     let (published, state) = watch::channel(Arc::new(DesiredState::default()));
     let _api = api::serve(&args.api_socket, state)?;
 
+    let events = ManifestEvents::watch(&args.manifests)
+        .inspect_err(|err| tracing::warn!("{err:#}; changes are seen by polling only"))
+        .ok();
     let mut ticks = tokio::time::interval(POLL_INTERVAL);
     let result = loop {
         tokio::select! {
             _ = terminate.recv() => break Ok(()),
             _ = interrupt.recv() => break Ok(()),
             _ = ticks.tick() => {}
+            changed = manifest_change(events.as_ref()) => {
+                if let Err(err) = changed {
+                    tracing::warn!("{err:#}");
+                }
+            }
         }
         if let Err(err) = attach_new_links(&mut links, dataplane) {
             tracing::error!("{err:#}");
@@ -101,6 +114,14 @@ async fn sync_until_signal(
     };
     links.detach_all(dataplane.pod_ingress());
     result
+}
+
+/// Resolves when inotify reports a change in the manifest paths; never, without inotify.
+async fn manifest_change(events: Option<&ManifestEvents>) -> Result<()> {
+    match events {
+        Some(events) => events.changed().await,
+        None => std::future::pending().await,
+    }
 }
 
 fn attach_new_links(links: &mut PodLinks, dataplane: &mut Dataplane) -> Result<()> {

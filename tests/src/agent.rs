@@ -160,6 +160,11 @@ impl<'t> Agent<'t> {
         }
     }
 
+    /// The agent's process id, while it runs (to read its memory use from /proc).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The agent's pin directory (`--pin-dir`), which it must remove when it stops.
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir

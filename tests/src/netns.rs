@@ -98,3 +98,25 @@ pub fn enter<T: Send>(name: &str, f: impl FnOnce() -> Result<T> + Send) -> Resul
             .unwrap_or_else(|payload| panic::resume_unwind(payload))
     })
 }
+
+/// A command that runs in the named namespace: the child enters it between fork and exec. Unlike
+/// `ip netns exec`, this does not remount /sys, so the BPF filesystem at /sys/fs/bpf stays
+/// visible to the child.
+pub fn command(name: &str, program: impl AsRef<std::ffi::OsStr>) -> Result<std::process::Command> {
+    use std::os::unix::process::CommandExt;
+    let path = Path::new(NETNS_DIR).join(name);
+    let netns =
+        File::open(&path).with_context(|| format!("cannot open netns {}", path.display()))?;
+    let mut command = std::process::Command::new(program);
+    // SAFETY: runs in the forked child before exec and makes one async-signal-safe system call
+    // on a descriptor the closure owns (and so keeps open while the command exists).
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(command)
+}

@@ -50,3 +50,27 @@ pub fn demo() -> anyhow::Result<()> {
             .env(AGENT_BINARY_ENV, binary),
     )
 }
+
+/// Runs the benchmark against a freshly built agent: the release build for real figures, the
+/// debug build (which the test suite has just built) for the smoke run.
+pub fn bench(quick: bool, bench_args: &[OsString]) -> anyhow::Result<()> {
+    process::require_root("the benchmark")?;
+    bootstrap::run()?;
+    let profile = if quick {
+        Profile::Dev
+    } else {
+        Profile::Release
+    };
+    let binary = build(profile)?;
+    run_step(
+        "bench",
+        command("cargo")
+            .current_dir(workspace::root())
+            .args(["run", "--package", "integration-tests", "--bin", "bench"])
+            .args(profile.cargo_flag())
+            .arg("--")
+            .args(quick.then_some("--quick"))
+            .args(bench_args)
+            .env(AGENT_BINARY_ENV, binary),
+    )
+}

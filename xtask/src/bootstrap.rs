@@ -20,6 +20,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "nftables",
     "nginx-light",
     "wrk",
+    // Flushing netfilter's conntrack table between benchmark runs.
+    "conntrack",
+    // The font the benchmark chart is drawn with.
+    "fonts-dejavu-core",
 ];
 
 /// Where bpf-linker finds LLVM 22: without it, it looks in /usr and fails to link.

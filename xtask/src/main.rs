@@ -49,6 +49,16 @@ enum Task {
     },
     /// Build the agent and run the demo from the integration-tests crate.
     Demo,
+    /// Benchmark against kube-proxy's iptables and nftables rule shapes and the routing limit;
+    /// writes BENCHMARKS.md and benchmarks.png (needs root).
+    Bench {
+        /// Smoke run: small sizes, short runs, debug build; writes under target/bench-quick/.
+        #[arg(long)]
+        quick: bool,
+        /// Arguments passed to the bench binary, after `--` (see `-- --help`).
+        #[arg(last = true)]
+        bench_args: Vec<OsString>,
+    },
     /// Run the whole suite: formatting, clippy (host and eBPF), build, and all tests.
     Test {
         /// Arguments passed to `cargo test`, after `--` (e.g. a test-name filter).
@@ -89,6 +99,7 @@ fn run(task: Task) -> anyhow::Result<()> {
             agent_args,
         } => agent::build_and_load(Profile::from_release_flag(release), &agent_args),
         Task::Demo => agent::demo(),
+        Task::Bench { quick, bench_args } => agent::bench(quick, &bench_args),
         Task::Test { cargo_test_args } => suite::run(&cargo_test_args),
     }
 }

@@ -51,5 +51,11 @@ pub fn run(cargo_test_args: &[OsString]) -> anyhow::Result<()> {
             .args(["test", "--workspace"])
             .args(cargo_test_args)
             .env(AGENT_BINARY_ENV, agent_binary),
-    )
+    )?;
+    // The benchmark's smoke run: every mode must produce figures; nothing is timed against a
+    // threshold. Skipped when the caller filtered the tests down to a few.
+    if cargo_test_args.is_empty() {
+        agent::bench(true, &[])?;
+    }
+    Ok(())
 }

@@ -2,7 +2,9 @@
 //! for nodes without an API server to watch, and for `service-agent check`.
 
 mod files;
+mod notify;
 mod parse;
 mod watch;
 
+pub use notify::ManifestEvents;
 pub use watch::{ManifestSource, Refresh, check};

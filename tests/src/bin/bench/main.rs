@@ -1,0 +1,246 @@
+//! `cargo xtask bench`: this project's dataplane side by side with kube-proxy's iptables and
+//! nftables rule shapes and with the no-service routing limit, on network-namespace nodes built
+//! like the integration tests' ones. Prints a Markdown report and writes it with a chart.
+//! `--quick` is the smoke variant CI runs: small sizes, short runs, and a check that every mode
+//! produced figures (never a check of how fast).
+
+mod kernel;
+mod load;
+mod modes;
+mod nginx;
+// The packet builder of the fixtures; the bench uses only part of it.
+#[allow(dead_code)]
+#[path = "../../../tests/packets/mod.rs"]
+mod packets;
+mod report;
+mod services;
+
+use std::{collections::BTreeMap, fs, path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use integration_tests::{agent::Agent, manifest::ManifestDir, privileged};
+
+use crate::{
+    modes::{Bed, Mode},
+    report::{ModeRuns, Results},
+};
+
+#[derive(Parser)]
+#[command(about = "Benchmark the dataplane against kube-proxy's rule shapes and the routing limit")]
+struct Args {
+    /// Smoke run: 10 and 1,000 services, 2 s runs, one round; checks that every mode produced
+    /// figures. Writes to target/bench-quick/ unless --output is given.
+    #[arg(long)]
+    quick: bool,
+    /// Numbers of services to measure.
+    #[arg(long, value_delimiter = ',')]
+    sizes: Option<Vec<usize>>,
+    /// Numbers of services for the kernel-program measurement.
+    #[arg(long, value_delimiter = ',')]
+    kernel_sizes: Option<Vec<usize>>,
+    /// Seconds per load run.
+    #[arg(long)]
+    seconds: Option<u64>,
+    /// Rounds over all modes; figures are medians over rounds.
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Where the Markdown report goes.
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// Where the chart goes (PNG).
+    #[arg(long)]
+    chart: Option<PathBuf>,
+    /// The command line quoted in the report.
+    #[arg(long, default_value = "cargo xtask bench")]
+    command_line: String,
+}
+
+struct Plan {
+    sizes: Vec<usize>,
+    kernel_sizes: Vec<usize>,
+    kernel_flows: u16,
+    run: Duration,
+    rounds: usize,
+    output: PathBuf,
+    chart: PathBuf,
+}
+
+impl Args {
+    fn plan(self) -> Plan {
+        let root = integration_tests::agent::workspace_root();
+        let (sizes, kernel_sizes, kernel_flows, seconds, rounds, dir) = if self.quick {
+            (
+                vec![10, 1_000],
+                vec![10, 1_000],
+                2_000,
+                2,
+                1,
+                root.join("target/bench-quick"),
+            )
+        } else {
+            (
+                vec![10, 1_000, 10_000, 50_000],
+                vec![10, 100_000],
+                20_000,
+                10,
+                3,
+                root.clone(),
+            )
+        };
+        Plan {
+            sizes: self.sizes.unwrap_or(sizes),
+            kernel_sizes: self.kernel_sizes.unwrap_or(kernel_sizes),
+            kernel_flows,
+            run: Duration::from_secs(self.seconds.unwrap_or(seconds)),
+            rounds: self.rounds.unwrap_or(rounds),
+            output: self.output.unwrap_or_else(|| dir.join("BENCHMARKS.md")),
+            chart: self.chart.unwrap_or_else(|| dir.join("benchmarks.png")),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if !privileged("the benchmark") {
+        return ExitCode::FAILURE;
+    }
+    let command_line = args.command_line.clone();
+    match bench(args.plan(), &command_line) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("bench failed: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn bench(plan: Plan, command_line: &str) -> Result<()> {
+    eprintln!(
+        "kernel program: {:?} services, {} flows",
+        plan.kernel_sizes, plan.kernel_flows
+    );
+    let kernel = kernel::measure(&plan.kernel_sizes, plan.kernel_flows)?;
+
+    let mut results = Results::new();
+    for &services in &plan.sizes {
+        let runs = measure_size(services, &plan)
+            .with_context(|| format!("measuring {services} services"))?;
+        results.insert(
+            services,
+            runs.into_iter().map(|(m, r)| (m, r.summary())).collect(),
+        );
+    }
+    check_every_mode_measured(&results)?;
+
+    let text = report::markdown(
+        &results,
+        &kernel,
+        &report::RunDescription {
+            command: command_line,
+            rounds: plan.rounds,
+            seconds_per_run: plan.run.as_secs(),
+        },
+    );
+    println!("{text}");
+    if let Some(dir) = plan.output.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    let chart_name = plan
+        .chart
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let text = format!("{text}\n![connections per second against services]({chart_name})\n");
+    fs::write(&plan.output, text)
+        .with_context(|| format!("cannot write {}", plan.output.display()))?;
+    report::chart(&results, &plan.chart)?;
+    eprintln!(
+        "wrote {} and {}",
+        plan.output.display(),
+        plan.chart.display()
+    );
+    Ok(())
+}
+
+/// One size: four beds, programming, then the rounds.
+fn measure_size(services: usize, plan: &Plan) -> Result<BTreeMap<Mode, ModeRuns>> {
+    let set = modes::service_set(services);
+    eprintln!("{services} services: building the four test beds");
+    let beds = Mode::ALL
+        .into_iter()
+        .map(Bed::new)
+        .collect::<Result<Vec<_>>>()?;
+    let agent_bed = beds
+        .iter()
+        .find(|bed| bed.mode == Mode::Agent)
+        .context("no agent bed")?;
+    let manifests = ManifestDir::create(&agent_bed.topology)?;
+    let agent = Agent::start(&agent_bed.topology, &[manifests.path()])?;
+
+    let mut runs: BTreeMap<Mode, ModeRuns> = BTreeMap::new();
+    for bed in &beds {
+        let agent = (bed.mode == Mode::Agent).then_some((&agent, &manifests));
+        let programming = modes::program(bed, &set, agent)
+            .with_context(|| format!("programming {}", bed.mode))?;
+        eprintln!("  {}: programmed in {:.3} s", bed.mode, programming.seconds);
+        runs.entry(bed.mode).or_default().programming = programming;
+    }
+    // Again from JSON, on a fresh agent: the same work without YAML's parsing cost, which is
+    // what the API-server source will see.
+    agent.stop()?;
+    manifests.remove("services.yaml")?;
+    let agent = Agent::start(&agent_bed.topology, &[manifests.path()])?;
+    let started = modes::hand_over(
+        agent_bed,
+        &set,
+        &manifests,
+        "services.json",
+        &set.manifests_json(),
+    )?;
+    let json_seconds = started.elapsed().as_secs_f64();
+    eprintln!(
+        "  {}: programmed from JSON in {json_seconds:.3} s",
+        Mode::Agent
+    );
+    runs.entry(Mode::Agent)
+        .or_default()
+        .programming
+        .json_seconds = Some(json_seconds);
+    for round in 1..=plan.rounds {
+        for bed in &beds {
+            let agent = (bed.mode == Mode::Agent).then_some(&agent);
+            let entry = runs.entry(bed.mode).or_default();
+            bed.flush_conntrack(agent)?;
+            let tcp = load::tcp_connections(&bed.client.netns, &bed.tcp_targets(&set), plan.run)
+                .with_context(|| format!("TCP load through {}", bed.mode))?;
+            bed.flush_conntrack(agent)?;
+            let udp =
+                load::udp_request_response(&bed.client.netns, &bed.udp_targets(&set), plan.run)
+                    .with_context(|| format!("UDP load through {}", bed.mode))?;
+            eprintln!(
+                "  round {round} {}: {:.0} conn/s ({} errors), {:.0} UDP req/s",
+                bed.mode, tcp.per_second, tcp.errors, udp.per_second
+            );
+            entry.tcp.push(tcp);
+            entry.udp.push(udp);
+        }
+    }
+    agent.stop()?;
+    Ok(runs)
+}
+
+/// The smoke check: every mode produced every figure at every size.
+fn check_every_mode_measured(results: &Results) -> Result<()> {
+    for (services, modes) in results {
+        for mode in Mode::ALL {
+            let Some(summary) = modes.get(&mode) else {
+                bail!("{mode} produced no figures at {services} services");
+            };
+            if summary.tcp.per_second <= 0.0 || summary.udp.per_second <= 0.0 {
+                bail!("{mode} answered nothing at {services} services");
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,357 @@
+//! The bench's output: medians over rounds, ratios against the routing limit and against the best
+//! kube-proxy mode of the same run, as a Markdown report (printed and written to BENCHMARKS.md)
+//! and a chart of connections per second against the number of services.
+
+use std::{collections::BTreeMap, fmt::Write, fs, path::Path};
+
+use anyhow::{Context, Result};
+use plotters::prelude::*;
+
+use crate::{
+    kernel::{PacketCosts, median},
+    load::LoadFigures,
+    modes::{Mode, Programming},
+};
+
+/// Everything one mode measured at one size.
+#[derive(Default)]
+pub struct ModeRuns {
+    pub tcp: Vec<LoadFigures>,
+    pub udp: Vec<LoadFigures>,
+    pub programming: Programming,
+}
+
+/// Medians over the rounds; errors are summed.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Summary {
+    pub tcp: LoadFigures,
+    pub udp: LoadFigures,
+    pub programming: Programming,
+}
+
+impl ModeRuns {
+    pub fn summary(&self) -> Summary {
+        let merge = |runs: &[LoadFigures]| LoadFigures {
+            per_second: median(runs.iter().map(|r| r.per_second).collect()),
+            p50_us: median(runs.iter().map(|r| r.p50_us).collect()),
+            p99_us: median(runs.iter().map(|r| r.p99_us).collect()),
+            errors: runs.iter().map(|r| r.errors).sum(),
+        };
+        Summary {
+            tcp: merge(&self.tcp),
+            udp: merge(&self.udp),
+            programming: self.programming,
+        }
+    }
+}
+
+pub type Results = BTreeMap<usize, BTreeMap<Mode, Summary>>;
+
+pub struct RunDescription<'a> {
+    pub command: &'a str,
+    pub rounds: usize,
+    pub seconds_per_run: u64,
+}
+
+pub fn markdown(results: &Results, kernel: &[PacketCosts], context: &RunDescription) -> String {
+    let mut out = String::new();
+    let machine = machine_description();
+    writeln!(
+        out,
+        "# Benchmarks\n\nMade by `{}` on {machine}. {} round(s) of {} s per load and mode, \
+         modes alternated within each round (base, iptables, nftables, agent); figures are medians \
+         over rounds, errors are summed. Absolute numbers depend on a shared, noisy machine; the \
+         ratios, measured side by side in one run, are the claim.\n",
+        context.command, context.rounds, context.seconds_per_run
+    )
+    .unwrap();
+    out.push_str(METHOD);
+
+    writeln!(
+        out,
+        "\n## New TCP connections per second (one HTTP request each)\n"
+    )
+    .unwrap();
+    writeln!(
+        out,
+        "| services | mode | conn/s | vs base | vs best kube-proxy | p50 | p99 | errors |\n|---:|---|---:|---:|---:|---:|---:|---:|"
+    )
+    .unwrap();
+    for (services, modes) in results {
+        for (mode, summary) in modes {
+            let figures = summary.tcp;
+            writeln!(
+                out,
+                "| {services} | {mode} | {:.0} | {} | {} | {} | {} | {} |",
+                figures.per_second,
+                ratio(figures.per_second, modes, Mode::Base, |s| s.tcp.per_second),
+                versus_best_peer(*mode, figures.per_second, modes, |s| s.tcp.per_second),
+                micros(figures.p50_us),
+                micros(figures.p99_us),
+                figures.errors
+            )
+            .unwrap();
+        }
+    }
+
+    writeln!(out, "\n## UDP request/response per second\n").unwrap();
+    writeln!(
+        out,
+        "| services | mode | req/s | vs base | vs best kube-proxy | p50 | p99 | unanswered |\n|---:|---|---:|---:|---:|---:|---:|---:|"
+    )
+    .unwrap();
+    for (services, modes) in results {
+        for (mode, summary) in modes {
+            let figures = summary.udp;
+            writeln!(
+                out,
+                "| {services} | {mode} | {:.0} | {} | {} | {} | {} | {} |",
+                figures.per_second,
+                ratio(figures.per_second, modes, Mode::Base, |s| s.udp.per_second),
+                versus_best_peer(*mode, figures.per_second, modes, |s| s.udp.per_second),
+                micros(figures.p50_us),
+                micros(figures.p99_us),
+                figures.errors
+            )
+            .unwrap();
+        }
+    }
+
+    writeln!(
+        out,
+        "\n## Programming: services handed over -> the measured service answers\n"
+    )
+    .unwrap();
+    writeln!(
+        out,
+        "| services | kube-proxy iptables | kube-proxy nftables | service-agent (YAML) | service-agent (JSON) | agent RSS |\n|---:|---:|---:|---:|---:|---:|"
+    )
+    .unwrap();
+    for (services, modes) in results {
+        let seconds = |mode| {
+            modes.get(&mode).map_or("-".to_string(), |s: &Summary| {
+                format!("{:.3} s", s.programming.seconds)
+            })
+        };
+        let rss = modes
+            .get(&Mode::Agent)
+            .and_then(|s| s.programming.rss_bytes)
+            .map_or("-".to_string(), |b| {
+                format!("{:.1} MiB", b as f64 / 1048576.0)
+            });
+        let json = modes
+            .get(&Mode::Agent)
+            .and_then(|s| s.programming.json_seconds)
+            .map_or("-".to_string(), |s| format!("{s:.3} s"));
+        writeln!(
+            out,
+            "| {services} | {} | {} | {} | {json} | {rss} |",
+            seconds(Mode::Iptables),
+            seconds(Mode::Nftables),
+            seconds(Mode::Agent)
+        )
+        .unwrap();
+    }
+
+    if !kernel.is_empty() {
+        writeln!(
+            out,
+            "\n## The kernel program alone (BPF_PROG_TEST_RUN, median ns per packet)\n"
+        )
+        .unwrap();
+        writeln!(
+            out,
+            "| services | not a service | new flow (conntrack miss) | known flow (conntrack hit) | reply (reverse NAT) |\n|---:|---:|---:|---:|---:|"
+        )
+        .unwrap();
+        for costs in kernel {
+            writeln!(
+                out,
+                "| {} | {:.0} | {:.0} | {:.0} | {:.0} |",
+                costs.services,
+                costs.passthrough_ns,
+                costs.new_flow_ns,
+                costs.established_ns,
+                costs.reply_ns
+            )
+            .unwrap();
+        }
+        if let (Some(first), Some(last)) = (kernel.first(), kernel.last()) {
+            let change = |a: f64, b: f64| format!("{:+.1}%", (b / a - 1.0) * 100.0);
+            writeln!(
+                out,
+                "\nFrom {} to {} services: not a service {}, new flow {}, known flow {}, reply {}.",
+                first.services,
+                last.services,
+                change(first.passthrough_ns, last.passthrough_ns),
+                change(first.new_flow_ns, last.new_flow_ns),
+                change(first.established_ns, last.established_ns),
+                change(first.reply_ns, last.reply_ns)
+            )
+            .unwrap();
+        }
+    }
+    out
+}
+
+const METHOD: &str = "\
+## Method
+
+Each mode has its own node namespace with a client pod and three backend pods (nginx from Debian,
+one worker, answering a small 200; and a UDP echo server), identical in shape, so that netfilter
+conntrack switched on by kube-proxy's rules in one node costs nothing in the others. For N
+services, each has 3 endpoints and one TCP port; the measured one sits in the middle of the set
+and is the only one whose endpoints exist (it also has a UDP port).
+
+- **base**: no service; the load goes straight to the three pod IPs (the routing limit).
+- **kube-proxy iptables**: kube-proxy's iptables-mode rule shape (KUBE-SERVICES, KUBE-SVC-* with
+  `statistic --mode random`, KUBE-SEP-* with DNAT, KUBE-MARK-MASQ, MASQUERADE), loaded with
+  `iptables-legacy-restore`.
+- **kube-proxy nftables**: kube-proxy's nftables-mode shape (a `service-ips` verdict map on
+  daddr . l4proto . dport, per-service chains with `numgen random mod 3 vmap`, per-endpoint DNAT
+  chains), loaded with `nft -f`.
+- **service-agent**: this project, given the same services as Service + EndpointSlice manifests.
+
+TCP: three `wrk -t1 -c11 -H 'Connection: close'` at once from the client (one per pod IP for
+base). UDP: 8 connected sockets, one request in flight each. The client has the full ephemeral
+port range and `tcp_tw_reuse`; conntrack (netfilter's, and the agent's map) is flushed before
+every run. Programming time runs from the moment the rules file is handed to the loader (or the
+manifest file is renamed into the agent's directory) until an HTTP request to the measured service
+is answered. The agent is measured twice, each time fresh: from YAML manifests, and from the same
+objects as one JSON List (what the API server sends; YAML parsing is most of the YAML figure).
+";
+
+fn ratio(
+    value: f64,
+    modes: &BTreeMap<Mode, Summary>,
+    to: Mode,
+    figure: impl Fn(&Summary) -> f64,
+) -> String {
+    modes
+        .get(&to)
+        .map(&figure)
+        .filter(|base| *base > 0.0)
+        .map_or("-".to_string(), |base| format!("{:.2}x", value / base))
+}
+
+fn versus_best_peer(
+    mode: Mode,
+    value: f64,
+    modes: &BTreeMap<Mode, Summary>,
+    figure: impl Fn(&Summary) -> f64,
+) -> String {
+    if mode != Mode::Agent {
+        return String::new();
+    }
+    let best = [Mode::Iptables, Mode::Nftables]
+        .iter()
+        .filter_map(|peer| modes.get(peer).map(&figure))
+        .fold(0.0, f64::max);
+    if best > 0.0 {
+        format!("{:.2}x", value / best)
+    } else {
+        "-".to_string()
+    }
+}
+
+fn micros(us: f64) -> String {
+    if us >= 1000.0 {
+        format!("{:.2} ms", us / 1000.0)
+    } else {
+        format!("{us:.0} us")
+    }
+}
+
+fn machine_description() -> String {
+    let cpu = fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let memory_gib = fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1048576.0);
+    format!(
+        "{cpu}, {cores} cores, {memory_gib:.0} GiB, Linux {}",
+        kernel.trim()
+    )
+}
+
+/// Connections per second against the number of services, one line per mode, to `path` (PNG).
+pub fn chart(results: &Results, path: &Path) -> Result<()> {
+    register_font()?;
+    let root = BitMapBackend::new(path, (900, 540)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let sizes: Vec<usize> = results.keys().copied().collect();
+    let (min_n, max_n) = (
+        *sizes.first().context("no results")? as f64,
+        *sizes.last().context("no results")? as f64,
+    );
+    let top = results
+        .values()
+        .flat_map(|modes| modes.values().map(|s| s.tcp.per_second))
+        .fold(0.0, f64::max)
+        * 1.15;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "New TCP connections per second through a ClusterIP",
+            ("sans-serif", 22),
+        )
+        .margin(16)
+        .x_label_area_size(44)
+        .y_label_area_size(70)
+        .build_cartesian_2d((min_n..max_n * 1.5).log_scale(), 0.0..top)?;
+    chart
+        .configure_mesh()
+        .x_desc("services (log scale)")
+        .y_desc("connections/s")
+        .x_label_formatter(&|n| format!("{n:.0}"))
+        .y_label_formatter(&|v| format!("{v:.0}"))
+        .draw()?;
+    let colours = [BLACK, RED, BLUE, RGBColor(0, 150, 0)];
+    for (mode, colour) in Mode::ALL.into_iter().zip(colours) {
+        let points: Vec<(f64, f64)> = results
+            .iter()
+            .filter_map(|(n, modes)| modes.get(&mode).map(|s| (*n as f64, s.tcp.per_second)))
+            .collect();
+        let style = colour.stroke_width(3);
+        chart
+            .draw_series(LineSeries::new(points.clone(), style))?
+            .label(mode.to_string())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+        chart.draw_series(
+            points
+                .into_iter()
+                .map(|point| Circle::new(point, 4, colour.filled())),
+        )?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::LowerLeft)
+        .draw()?;
+    root.present()
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+/// plotters draws text with ab_glyph, which needs a font: DejaVu Sans from Debian's
+/// fonts-dejavu-core (installed by `cargo xtask bootstrap`).
+fn register_font() -> Result<()> {
+    const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+    let bytes = fs::read(FONT).with_context(|| format!("cannot read the chart font {FONT}"))?;
+    plotters::style::register_font("sans-serif", FontStyle::Normal, Box::leak(bytes.into()))
+        .map_err(|_| anyhow::anyhow!("{FONT} is not a usable font"))?;
+    Ok(())
+}
