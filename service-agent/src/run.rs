@@ -91,11 +91,13 @@ async fn sync_until_signal(
         if let Err(err) = attach_new_links(&mut links, dataplane) {
             tracing::error!("{err:#}");
         }
+        let started = std::time::Instant::now();
         let refresh = match source.refresh() {
             Ok(Some(refresh)) => refresh,
             Ok(None) => continue,
             Err(err) => break Err(err),
         };
+        let read = started.elapsed();
         match syncer.sync(&refresh.state, &mut dataplane.maps) {
             Ok(report) => {
                 tracing::info!(
@@ -103,6 +105,8 @@ async fn sync_until_signal(
                     map_writes = report.map_writes,
                     conntrack_purged = report.conntrack_purged,
                     problems = refresh.problems.len(),
+                    read_ms = read.as_millis(),
+                    sync_ms = (started.elapsed() - read).as_millis(),
                     "synced"
                 );
                 published.send_replace(Arc::new(refresh.state));

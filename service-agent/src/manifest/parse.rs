@@ -12,24 +12,151 @@ use crate::controlplane::objects::{Located, Object, Origin};
 /// The understood objects of a file, or every problem found in it: a file is used whole or not
 /// at all, so that half of an edit never goes live.
 pub fn parse_manifest(file: &Path, text: &str) -> Result<Vec<Located<Object>>, Vec<String>> {
-    let mut objects = Vec::new();
-    let mut problems = Vec::new();
-    for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let origin = format!("{}: document {}", file.display(), index + 1);
-        match Value::deserialize(document) {
-            Ok(value) => parse_object(value, origin, None, &mut objects, &mut problems),
-            Err(error) => {
-                // The YAML stream is broken from here on; the parser would only repeat the error.
-                problems.push(format!("{origin}: {error}"));
-                break;
+    // Numbered across chunks as in one stream.
+    let mut next_index = 0;
+    let numbered: Vec<(usize, Vec<Document>)> = documents(text)
+        .into_iter()
+        .map(|chunk| {
+            let first = next_index;
+            next_index += chunk.len();
+            (first, chunk)
+        })
+        .collect();
+    let parsed = on_every_core(numbered, |(first, chunk)| {
+        let (mut objects, mut problems) = (Vec::new(), Vec::new());
+        for (offset, document) in chunk.into_iter().enumerate() {
+            let origin = format!("{}: document {}", file.display(), first + offset + 1);
+            match document {
+                Ok(value) => parse_object(value, origin, None, &mut objects, &mut problems),
+                Err(error) => problems.push(format!("{origin}: {error}")),
             }
         }
+        (objects, problems)
+    });
+    let (mut objects, mut problems) = (Vec::new(), Vec::new());
+    for (chunk_objects, chunk_problems) in parsed {
+        objects.extend(chunk_objects);
+        problems.extend(chunk_problems);
     }
     if problems.is_empty() {
         Ok(objects)
     } else {
         Err(problems)
     }
+}
+
+/// One document of a stream: its value, or why the stream is broken there.
+type Document = Result<Value, String>;
+
+/// The documents of a file, in chunks that were read on different cores. A broken document ends
+/// the stream: nothing after it is returned, as in one sequential pass.
+fn documents(text: &str) -> Vec<Vec<Document>> {
+    // JSON is YAML too, but serde_json reads it several times faster than libyaml does (what
+    // `kubectl get -o json` prints can be megabytes). A stream of JSON values counts its
+    // documents like a YAML stream. YAML's flow style starts with `{` too: whatever is not JSON
+    // throughout is read as YAML, whose parser then also reports what is broken.
+    if text.trim_start().starts_with('{') {
+        let stream = serde_json::Deserializer::from_str(text).into_iter::<Value>();
+        let json = up_to_first_broken(stream.map(|d| d.map_err(|e| e.to_string())));
+        if json.iter().all(Result::is_ok) {
+            return vec![json];
+        }
+    }
+    let mut chunks = on_every_core(yaml_chunks(text), |chunk| {
+        let stream = serde_yaml::Deserializer::from_str(chunk);
+        up_to_first_broken(stream.map(|d| Value::deserialize(d).map_err(|e| e.to_string())))
+    });
+    if let Some(broken) = chunks
+        .iter()
+        .position(|chunk| chunk.last().is_some_and(Result::is_err))
+    {
+        chunks.truncate(broken + 1);
+    }
+    chunks
+}
+
+/// The documents up to and including the first broken one: after a syntax error the parser
+/// would only repeat it.
+fn up_to_first_broken(stream: impl Iterator<Item = Document>) -> Vec<Document> {
+    let mut documents = Vec::new();
+    for document in stream {
+        let broken = document.is_err();
+        documents.push(document);
+        if broken {
+            break;
+        }
+    }
+    documents
+}
+
+/// Below this size a file is read on one core: threads would cost more than they save.
+const PARALLEL_PARSE_ABOVE: usize = 256 * 1024;
+
+/// Splits a large YAML stream into one piece per core, at document markers. YAML forbids a line
+/// that starts with `---` and a space or line break inside any content (the spec's
+/// c-forbidden), so such a line always begins a new document and the pieces parse exactly as the
+/// whole. Streams with directives (`%YAML`), which belong to the document after them, stay whole.
+fn yaml_chunks(text: &str) -> Vec<&str> {
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    if cores == 1
+        || text.len() < PARALLEL_PARSE_ABOVE
+        || text.starts_with('%')
+        || text.contains("\n%")
+    {
+        return vec![text];
+    }
+    let mut chunks = Vec::new();
+    let mut start = 0;
+    for part in 1..cores {
+        let Some(marker) = next_document_marker(text, (text.len() * part / cores).max(start))
+        else {
+            break;
+        };
+        if marker > start {
+            chunks.push(&text[start..marker]);
+            start = marker;
+        }
+    }
+    chunks.push(&text[start..]);
+    chunks
+}
+
+/// Where the first `---` document-marker line that starts after byte `from` begins.
+fn next_document_marker(text: &str, from: usize) -> Option<usize> {
+    let bytes = text.as_bytes();
+    let mut line = from + bytes[from..].iter().position(|&b| b == b'\n')? + 1;
+    loop {
+        let rest = &bytes[line..];
+        if rest.starts_with(b"---")
+            && matches!(rest.get(3), None | Some(b' ' | b'\t' | b'\r' | b'\n'))
+        {
+            return Some(line);
+        }
+        line += rest.iter().position(|&b| b == b'\n')? + 1;
+    }
+}
+
+/// Runs `work` on each item, each on a thread of its own when there are several, and returns the
+/// results in the items' order.
+fn on_every_core<T: Send, R: Send>(items: Vec<T>, work: impl Fn(T) -> R + Sync) -> Vec<R> {
+    if items.len() <= 1 {
+        return items.into_iter().map(work).collect();
+    }
+    let work = &work;
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = items
+            .into_iter()
+            .map(|item| scope.spawn(move || work(item)))
+            .collect();
+        workers
+            .into_iter()
+            .map(|worker| {
+                worker
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .collect()
+    })
 }
 
 /// A list's kind and apiVersion, which the API server leaves out of a typed list's items.
@@ -460,6 +587,81 @@ spec: {}
                 && problems[0].contains("line 4"),
             "{problems:?}"
         );
+    }
+
+    #[test]
+    fn json_streams_are_read_like_yaml_streams() {
+        let objects = parse(
+            r#"{"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}}
+{"apiVersion": "v1", "kind": "List", "items": [
+  {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "a"}, "spec": {"ports": [{"port": 80}]}}
+]}"#,
+        );
+        assert_eq!(objects.len(), 1);
+        assert_eq!(
+            objects[0].origin.to_string(),
+            "examples/web.yaml: document 2, items[0]"
+        );
+        let problems = problems(
+            r#"{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"}, "spec": {"ports": [{"port": "eighty"}]}}"#,
+        );
+        assert_eq!(
+            problems,
+            [
+                "examples/web.yaml: document 1 (Service default/web): spec.ports[0].port: invalid type: string \"eighty\", expected u16"
+            ]
+        );
+        // Flow-style YAML is not JSON, and broken JSON is reported by the YAML parser.
+        assert_eq!(
+            parse(
+                "{apiVersion: v1, kind: Service, metadata: {name: f}, spec: {ports: [{port: 80}]}}"
+            )
+            .len(),
+            1
+        );
+        let broken = self::problems(r#"{"apiVersion": "v1", "kind": "Service", "#);
+        assert_eq!(broken.len(), 1, "{broken:?}");
+        assert!(
+            broken[0].starts_with("examples/web.yaml: document 1: "),
+            "{broken:?}"
+        );
+    }
+
+    #[test]
+    fn a_large_stream_parsed_in_pieces_numbers_documents_as_one_stream() {
+        let service = |i: usize| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: big}}\nspec:\n  ports:\n  - port: {}\n",
+                if i == 2999 {
+                    "eighty".to_string()
+                } else {
+                    "80".to_string()
+                }
+            )
+        };
+        let text: String = (0..4000).map(|i| format!("---\n{}", service(i))).collect();
+        assert!(text.len() > PARALLEL_PARSE_ABOVE && yaml_chunks(&text).len() > 1);
+        assert_eq!(yaml_chunks(&text).concat(), text);
+        let problems = problems(&text);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].starts_with("examples/web.yaml: document 3000 (Service big/s2999)"),
+            "{problems:?}"
+        );
+        let fixed = text.replace("port: eighty", "port: 80");
+        assert_eq!(parse(&fixed).len(), 4000);
+    }
+
+    #[test]
+    fn only_lines_starting_with_three_dashes_and_a_break_are_document_markers() {
+        let text = "a: ---\n----\nb: |\n  ---\n--- x\nc: 1\n---\n";
+        assert_eq!(
+            next_document_marker(text, 0),
+            Some(text.find("--- x").unwrap())
+        );
+        let after = text.find("--- x").unwrap() + 1;
+        assert_eq!(next_document_marker(text, after), Some(text.len() - 4));
+        assert_eq!(next_document_marker("a: 1\nb: 2\n", 0), None);
     }
 
     #[test]

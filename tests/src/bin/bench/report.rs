@@ -67,55 +67,20 @@ pub fn markdown(results: &Results, kernel: &[PacketCosts], context: &RunDescript
     .unwrap();
     out.push_str(METHOD);
 
-    writeln!(
-        out,
-        "\n## New TCP connections per second (one HTTP request each)\n"
-    )
-    .unwrap();
-    writeln!(
-        out,
-        "| services | mode | conn/s | vs base | vs best kube-proxy | p50 | p99 | errors |\n|---:|---|---:|---:|---:|---:|---:|---:|"
-    )
-    .unwrap();
-    for (services, modes) in results {
-        for (mode, summary) in modes {
-            let figures = summary.tcp;
-            writeln!(
-                out,
-                "| {services} | {mode} | {:.0} | {} | {} | {} | {} | {} |",
-                figures.per_second,
-                ratio(figures.per_second, modes, Mode::Base, |s| s.tcp.per_second),
-                versus_best_peer(*mode, figures.per_second, modes, |s| s.tcp.per_second),
-                micros(figures.p50_us),
-                micros(figures.p99_us),
-                figures.errors
-            )
-            .unwrap();
-        }
-    }
-
-    writeln!(out, "\n## UDP request/response per second\n").unwrap();
-    writeln!(
-        out,
-        "| services | mode | req/s | vs base | vs best kube-proxy | p50 | p99 | unanswered |\n|---:|---|---:|---:|---:|---:|---:|---:|"
-    )
-    .unwrap();
-    for (services, modes) in results {
-        for (mode, summary) in modes {
-            let figures = summary.udp;
-            writeln!(
-                out,
-                "| {services} | {mode} | {:.0} | {} | {} | {} | {} | {} |",
-                figures.per_second,
-                ratio(figures.per_second, modes, Mode::Base, |s| s.udp.per_second),
-                versus_best_peer(*mode, figures.per_second, modes, |s| s.udp.per_second),
-                micros(figures.p50_us),
-                micros(figures.p99_us),
-                figures.errors
-            )
-            .unwrap();
-        }
-    }
+    load_table(
+        &mut out,
+        "New TCP connections per second (one HTTP request each)",
+        ("conn/s", "errors"),
+        results,
+        |summary| summary.tcp,
+    );
+    load_table(
+        &mut out,
+        "UDP request/response per second",
+        ("req/s", "unanswered"),
+        results,
+        |summary| summary.udp,
+    );
 
     writeln!(
         out,
@@ -192,6 +157,39 @@ pub fn markdown(results: &Results, kernel: &[PacketCosts], context: &RunDescript
         }
     }
     out
+}
+
+/// One load's table: a row per size and mode with the rate, its ratios, latencies and failures.
+fn load_table(
+    out: &mut String,
+    title: &str,
+    (rate, failures): (&str, &str),
+    results: &Results,
+    load: impl Fn(&Summary) -> LoadFigures,
+) {
+    writeln!(out, "\n## {title}\n").unwrap();
+    writeln!(
+        out,
+        "| services | mode | {rate} | vs base | vs best kube-proxy | p50 | p99 | {failures} |\n|---:|---|---:|---:|---:|---:|---:|---:|"
+    )
+    .unwrap();
+    let rate_of = |summary: &Summary| load(summary).per_second;
+    for (services, modes) in results {
+        for (mode, summary) in modes {
+            let figures = load(summary);
+            writeln!(
+                out,
+                "| {services} | {mode} | {:.0} | {} | {} | {} | {} | {} |",
+                figures.per_second,
+                ratio(figures.per_second, modes, Mode::Base, rate_of),
+                versus_best_peer(*mode, figures.per_second, modes, rate_of),
+                micros(figures.p50_us),
+                micros(figures.p99_us),
+                figures.errors
+            )
+            .unwrap();
+        }
+    }
 }
 
 const METHOD: &str = "\
