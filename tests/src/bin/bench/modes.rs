@@ -41,6 +41,11 @@ pub enum Mode {
 
 impl Mode {
     pub const ALL: [Mode; 4] = [Mode::Base, Mode::Iptables, Mode::Nftables, Mode::Agent];
+
+    /// kube-proxy's modes, which this project is compared with.
+    pub fn is_peer(self) -> bool {
+        matches!(self, Mode::Iptables | Mode::Nftables)
+    }
 }
 
 impl fmt::Display for Mode {
@@ -60,8 +65,9 @@ const BACKEND_IPS: [Ipv4Addr; 3] = [
     Ipv4Addr::new(10, 244, 0, 13),
 ];
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 10);
-/// How long programming may take before the bench gives up (nft takes minutes at 50,000).
-const PROGRAMMING_TIMEOUT: Duration = Duration::from_secs(900);
+/// How long programming may take before the bench gives up on a mode (nft takes minutes at
+/// 10,000 services and grows faster than linearly).
+const PROGRAMMING_TIMEOUT: Duration = Duration::from_secs(600);
 
 pub fn service_set(count: usize) -> ServiceSet {
     ServiceSet {
@@ -170,6 +176,8 @@ pub struct Programming {
     pub rss_bytes: Option<u64>,
     /// Our mode only: the same services handed over as one JSON List to a fresh agent.
     pub json_seconds: Option<f64>,
+    /// Set when the mode did not answer in time: how long it was given.
+    pub gave_up_after: Option<f64>,
 }
 
 /// Hands `set` to the bed's dataplane and waits for the measured service to answer.
@@ -209,7 +217,7 @@ pub fn program(
     Ok(Programming {
         seconds: started.elapsed().as_secs_f64(),
         rss_bytes,
-        json_seconds: None,
+        ..Programming::default()
     })
 }
 

@@ -95,7 +95,10 @@ pub fn markdown(results: &Results, kernel: &[PacketCosts], context: &RunDescript
     for (services, modes) in results {
         let seconds = |mode| {
             modes.get(&mode).map_or("-".to_string(), |s: &Summary| {
-                format!("{:.3} s", s.programming.seconds)
+                match s.programming.gave_up_after {
+                    Some(limit) => format!("> {limit:.0} s (gave up)"),
+                    None => format!("{:.3} s", s.programming.seconds),
+                }
             })
         };
         let rss = modes
@@ -175,7 +178,10 @@ fn load_table(
     .unwrap();
     let rate_of = |summary: &Summary| load(summary).per_second;
     for (services, modes) in results {
-        for (mode, summary) in modes {
+        let measured = modes
+            .iter()
+            .filter(|(_, summary)| summary.programming.gave_up_after.is_none());
+        for (mode, summary) in measured {
             let figures = load(summary);
             writeln!(
                 out,
@@ -320,7 +326,9 @@ pub fn chart(results: &Results, path: &Path) -> Result<()> {
     for (mode, colour) in Mode::ALL.into_iter().zip(colours) {
         let points: Vec<(f64, f64)> = results
             .iter()
-            .filter_map(|(n, modes)| modes.get(&mode).map(|s| (*n as f64, s.tcp.per_second)))
+            .filter_map(|(n, modes)| modes.get(&mode).map(|s| (*n, s)))
+            .filter(|(_, s)| s.programming.gave_up_after.is_none())
+            .map(|(n, s)| (n as f64, s.tcp.per_second))
             .collect();
         let style = colour.stroke_width(3);
         chart
