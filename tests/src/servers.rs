@@ -26,12 +26,14 @@ pub const UDP_PORT: u16 = 5353;
 /// How long a connection may stay idle before the server drops it, so that a client that never
 /// closes cannot keep a thread alive past its test.
 const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a UDP server thread looks at `stopping` when no datagram comes.
+const UDP_STOP_CHECK: Duration = Duration::from_millis(100);
 
 /// The running servers of one pod; stopped, and their sockets closed, on drop.
 pub struct BackendServer {
     stopping: Arc<AtomicBool>,
-    /// Descriptors of the listening sockets, owned by `threads`.
-    sockets: Vec<RawFd>,
+    /// The TCP listener's descriptor, owned by its thread.
+    listener: RawFd,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -41,19 +43,23 @@ impl BackendServer {
             let any = |port| SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port);
             let listener = TcpListener::bind(any(TCP_PORT)).context("TCP bind")?;
             let udp = UdpSocket::bind(any(UDP_PORT)).context("UDP bind")?;
+            // The UDP thread notices `stopping` within this; waking it with shutdown() instead
+            // makes std's recv_from panic on the empty source address.
+            udp.set_read_timeout(Some(UDP_STOP_CHECK))
+                .context("UDP timeout")?;
             Ok((listener, udp))
         })
         .with_context(|| format!("cannot start the servers of pod {}", pod.name))?;
 
         let stopping = Arc::new(AtomicBool::new(false));
-        let sockets = vec![listener.as_raw_fd(), udp.as_raw_fd()];
+        let listener_fd = listener.as_raw_fd();
         let threads = vec![
             spawn_tcp_server(listener, pod.name.clone(), stopping.clone()),
             spawn_udp_server(udp, pod.name.clone(), stopping.clone()),
         ];
         Ok(Self {
             stopping,
-            sockets,
+            listener: listener_fd,
             threads,
         })
     }
@@ -62,12 +68,10 @@ impl BackendServer {
 impl Drop for BackendServer {
     fn drop(&mut self) {
         self.stopping.store(true, Ordering::SeqCst);
-        for &socket in &self.sockets {
-            // Wakes the threads blocked in accept/recv; they see `stopping`, return, and close
-            // the sockets. The descriptors are still open: only those threads close them.
-            // SAFETY: shutdown does not touch memory, and the descriptor is valid (see above).
-            unsafe { libc::shutdown(socket, libc::SHUT_RDWR) };
-        }
+        // Wakes the thread blocked in accept; it sees `stopping`, returns, and closes the
+        // listener. The descriptor is still open: only that thread closes it.
+        // SAFETY: shutdown does not touch memory, and the descriptor is valid (see above).
+        unsafe { libc::shutdown(self.listener, libc::SHUT_RDWR) };
         for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
