@@ -18,7 +18,7 @@ use tokio::{
     sync::watch,
 };
 
-use crate::model::{DesiredState, Service};
+use crate::model::{DesiredState, Service, ServiceType};
 
 pub const DEFAULT_SOCKET: &str = "/run/service-agent/agent.sock";
 
@@ -100,7 +100,10 @@ pub fn services_table(services: &[Service], scope: &Scope, now: SystemTime) -> S
         let ports = s
             .ports
             .iter()
-            .map(|p| format!("{}/{}", p.port, p.protocol))
+            .map(|p| match p.node_port {
+                Some(node_port) => format!("{}:{node_port}/{}", p.port, p.protocol),
+                None => format!("{}/{}", p.port, p.protocol),
+            })
             .collect::<Vec<_>>()
             .join(",");
         vec![
@@ -108,7 +111,7 @@ pub fn services_table(services: &[Service], scope: &Scope, now: SystemTime) -> S
             s.name.name.clone(),
             s.service_type.to_string(),
             s.cluster_ip.to_string(),
-            "<none>".to_owned(),
+            external_ip(s),
             if ports.is_empty() {
                 "<none>".to_owned()
             } else {
@@ -127,6 +130,24 @@ pub fn services_table(services: &[Service], scope: &Scope, now: SystemTime) -> S
         "AGE",
     ];
     table(&header, rows, scope)
+}
+
+/// kubectl's EXTERNAL-IP: the load-balancer IPs, then the external IPs; `<pending>` for a
+/// LoadBalancer that has neither (its load balancer is not provisioned yet).
+fn external_ip(service: &Service) -> String {
+    let addresses: Vec<String> = service
+        .load_balancer_ips
+        .iter()
+        .chain(&service.external_ips)
+        .map(ToString::to_string)
+        .collect();
+    if !addresses.is_empty() {
+        addresses.join(",")
+    } else if service.service_type == ServiceType::LoadBalancer {
+        "<pending>".to_owned()
+    } else {
+        "<none>".to_owned()
+    }
 }
 
 /// `kubectl get endpoints`: NAME ENDPOINTS AGE, ready endpoints only, three then "+ N more...".
@@ -206,7 +227,7 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-    use crate::model::{Endpoint, Protocol, ServiceName, ServicePort, ServiceType};
+    use crate::model::{Endpoint, Protocol, ServiceName, ServicePort, ServiceType, TrafficPolicy};
 
     fn service(namespace: &str, name: &str, endpoints: u8) -> Service {
         let endpoints = (1..=endpoints)
@@ -226,10 +247,14 @@ mod tests {
             },
             service_type: ServiceType::ClusterIP,
             cluster_ip: Ipv4Addr::new(10, 96, 0, 10),
+            external_ips: Vec::new(),
+            load_balancer_ips: Vec::new(),
+            external_traffic_policy: TrafficPolicy::Cluster,
             ports: vec![ServicePort {
                 name: "http".into(),
                 port: 80,
                 protocol: Protocol::Tcp,
+                node_port: None,
                 endpoints,
             }],
             created: SystemTime::UNIX_EPOCH,
@@ -251,6 +276,42 @@ mod tests {
             now,
         );
         assert!(table.starts_with("NAME   TYPE"), "{table}");
+    }
+
+    #[test]
+    fn services_table_shows_node_ports_and_external_addresses() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(330);
+        let mut node_port = service("default", "np", 0);
+        node_port.service_type = ServiceType::NodePort;
+        node_port.ports[0].node_port = Some(30080);
+        node_port.ports.push(ServicePort {
+            name: "dns".into(),
+            port: 53,
+            protocol: Protocol::Udp,
+            node_port: Some(30053),
+            endpoints: Vec::new(),
+        });
+        let mut pending = service("default", "pending", 0);
+        pending.service_type = ServiceType::LoadBalancer;
+        let mut lb = pending.clone();
+        lb.name.name = "lb".into();
+        lb.load_balancer_ips = vec![Ipv4Addr::new(203, 0, 113, 1)];
+        lb.external_ips = vec![Ipv4Addr::new(192, 0, 2, 10)];
+        let mut external = service("default", "external", 0);
+        external.external_ips = vec![Ipv4Addr::new(192, 0, 2, 11)];
+        let table = services_table(
+            &[node_port, pending, lb, external],
+            &Scope::Namespace("default".into()),
+            now,
+        );
+        assert_eq!(
+            table,
+            "NAME       TYPE           CLUSTER-IP   EXTERNAL-IP              PORT(S)                     AGE\n\
+             np         NodePort       10.96.0.10   <none>                   80:30080/TCP,53:30053/UDP   5m30s\n\
+             pending    LoadBalancer   10.96.0.10   <pending>                80/TCP                      5m30s\n\
+             lb         LoadBalancer   10.96.0.10   203.0.113.1,192.0.2.10   80/TCP                      5m30s\n\
+             external   ClusterIP      10.96.0.10   192.0.2.11               80/TCP                      5m30s\n"
+        );
     }
 
     #[test]

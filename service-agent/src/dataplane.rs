@@ -8,25 +8,33 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData},
+    maps::{Array, HashMap, MapData},
     programs::SchedClassifier,
 };
 use service_common::{
-    BACKENDS_V4_MAP, BackendV4, CONNTRACK_V4_MAP, ConntrackEntryV4, ConntrackKeyV4, REV_NAT_V4_MAP,
-    RevNatV4, SERVICES_V4_MAP, ServiceEntry, ServiceKeyV4,
+    BACKENDS_V4_MAP, BackendV4, CONNTRACK_V4_MAP, ConntrackEntryV4, ConntrackKeyV4, NODE_V4_MAP,
+    NodeV4, PIN_LAYOUT, REV_NAT_V4_MAP, RevNatV4, SERVICES_V4_MAP, ServiceEntry, ServiceKeyV4,
 };
 
-use crate::sync::{MapContents, MapOp};
+use crate::{
+    model::Node,
+    sync::{MapContents, MapOp},
+};
 
 /// The kernel object, compiled by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/service-ebpf"));
 
-/// Pins live in a subdirectory named after the map layout: aya does not check a reused pin's
-/// key or value size, so a layout change must move to a new directory rather than reuse old maps.
-const PIN_LAYOUT: &str = "v1";
+/// The maps pinned (and so kept across agent restarts): services, and the flows through them.
+const PINNED_MAPS: [&str; 4] = [
+    SERVICES_V4_MAP,
+    BACKENDS_V4_MAP,
+    REV_NAT_V4_MAP,
+    CONNTRACK_V4_MAP,
+];
 
-/// The TC program attached at ingress of pod-facing links.
+/// The TC programs: one at ingress of pod-facing links, one at ingress of external links.
 pub const POD_INGRESS_PROGRAM: &str = "pod_ingress";
+pub const EXTERNAL_INGRESS_PROGRAM: &str = "external_ingress";
 
 pub struct Dataplane {
     ebpf: Ebpf,
@@ -51,25 +59,22 @@ impl Dataplane {
                     dir.display()
                 )
             })?;
-            for name in [
-                SERVICES_V4_MAP,
-                BACKENDS_V4_MAP,
-                REV_NAT_V4_MAP,
-                CONNTRACK_V4_MAP,
-            ] {
+            for name in PINNED_MAPS {
                 loader.map_pin_path(name, dir.join(name));
             }
         }
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .context("loading the eBPF object (are you root, on a kernel with BTF?)")?;
-        let program: &mut SchedClassifier = ebpf
-            .program_mut(POD_INGRESS_PROGRAM)
-            .context("the object has no pod_ingress program")?
-            .try_into()?;
-        program
-            .load()
-            .context("the verifier rejected pod_ingress")?;
+        for name in [POD_INGRESS_PROGRAM, EXTERNAL_INGRESS_PROGRAM] {
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .with_context(|| format!("the object has no {name} program"))?
+                .try_into()?;
+            program
+                .load()
+                .with_context(|| format!("the verifier rejected {name}"))?;
+        }
         let maps = ServiceMaps::take(&mut ebpf)?;
         Ok(Self {
             ebpf,
@@ -78,11 +83,12 @@ impl Dataplane {
         })
     }
 
-    pub fn pod_ingress(&mut self) -> &mut SchedClassifier {
+    /// One of the TC programs, by name ([`POD_INGRESS_PROGRAM`], [`EXTERNAL_INGRESS_PROGRAM`]).
+    pub fn tc_program(&mut self, name: &str) -> &mut SchedClassifier {
         self.ebpf
-            .program_mut(POD_INGRESS_PROGRAM)
+            .program_mut(name)
             .and_then(|program| program.try_into().ok())
-            .expect("pod_ingress was loaded in Dataplane::load")
+            .expect("every TC program is loaded in Dataplane::load")
     }
 
     /// Removes the pins (the maps themselves go when the last program or fd holding them does).
@@ -90,12 +96,7 @@ impl Dataplane {
         let Some(dir) = &self.pin_dir else {
             return Ok(());
         };
-        for name in [
-            SERVICES_V4_MAP,
-            BACKENDS_V4_MAP,
-            REV_NAT_V4_MAP,
-            CONNTRACK_V4_MAP,
-        ] {
+        for name in PINNED_MAPS {
             let path = dir.join(name);
             if path.exists() {
                 fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
@@ -116,6 +117,7 @@ pub struct ServiceMaps {
     pub backends: HashMap<MapData, u32, BackendV4>,
     pub rev_nat: HashMap<MapData, u32, RevNatV4>,
     pub conntrack: HashMap<MapData, ConntrackKeyV4, ConntrackEntryV4>,
+    pub node: Array<MapData, NodeV4>,
 }
 
 impl ServiceMaps {
@@ -129,7 +131,19 @@ impl ServiceMaps {
             backends: HashMap::try_from(take(BACKENDS_V4_MAP)?)?,
             rev_nat: HashMap::try_from(take(REV_NAT_V4_MAP)?)?,
             conntrack: HashMap::try_from(take(CONNTRACK_V4_MAP)?)?,
+            node: Array::try_from(take(NODE_V4_MAP)?)?,
         })
+    }
+
+    /// Tells the kernel side which address SNATed flows leave with (0: none).
+    pub fn set_node(&mut self, node: &Node) -> Result<()> {
+        let snat_address = node
+            .ips
+            .first()
+            .map_or(0, |ip| u32::from_ne_bytes(ip.octets()));
+        self.node
+            .set(0, NodeV4 { snat_address }, 0)
+            .context("writing NODE_V4")
     }
 
     pub fn read_contents(&self) -> Result<MapContents> {

@@ -1,5 +1,7 @@
-//! Which links get the pod program: every link whose name matches one of the `--pod-interface`
-//! globs, now or later (pods come and go, and so do their host-side veths).
+//! Which links get which TC program: every link whose name matches one of the globs, now or
+//! later (pods come and go, and so do their host-side veths; an external link may be renamed or
+//! re-created). `--pod-interface` globs get `pod_ingress`, `--external-interface` ones
+//! `external_ingress`.
 
 use std::{collections::BTreeMap, ffi::CStr};
 
@@ -44,19 +46,26 @@ pub fn list_links() -> Result<Vec<(u32, String)>> {
     }
 }
 
-/// Keeps the program attached to exactly the matching links.
-pub struct PodLinks {
+/// Keeps one program attached to exactly the matching links.
+pub struct LinkAttachments {
+    /// The program's name, for messages.
+    program: &'static str,
     globs: Vec<String>,
     /// name -> (ifindex, attachment). The index tells a re-created link from the one we attached.
     attached: BTreeMap<String, (u32, SchedClassifierLinkId)>,
 }
 
-impl PodLinks {
-    pub fn new(globs: Vec<String>) -> Self {
+impl LinkAttachments {
+    pub fn new(program: &'static str, globs: Vec<String>) -> Self {
         Self {
+            program,
             globs,
             attached: BTreeMap::new(),
         }
+    }
+
+    pub fn program(&self) -> &'static str {
+        self.program
     }
 
     /// Attaches to new matching links and forgets vanished ones (the kernel already detached
@@ -78,7 +87,7 @@ impl PodLinks {
             if let Some((_, link)) = self.attached.remove(&name) {
                 // Fails when the link went with its device; nothing is left to clean up then.
                 let _ = program.detach(link);
-                tracing::info!(interface = %name, "link gone, program detached");
+                tracing::info!(interface = %name, program = self.program, "link gone, program detached");
             }
         }
         let mut added = Vec::new();
@@ -88,9 +97,9 @@ impl PodLinks {
             }
             let link = program
                 .attach(name, TcAttachType::Ingress)
-                .with_context(|| format!("attaching pod_ingress to {name}"))?;
+                .with_context(|| format!("attaching {} to {name}", self.program))?;
             self.attached.insert(name.to_owned(), (index, link));
-            tracing::info!(interface = %name, "pod_ingress attached");
+            tracing::info!(interface = %name, program = self.program, "attached");
             added.push(name.to_owned());
         }
         Ok(added)

@@ -8,7 +8,7 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use service_agent::{
     api::{self, Scope},
-    controlplane::{ControlPlaneConfig, Ipv4Cidr},
+    controlplane::{ControlPlaneConfig, DEFAULT_NODE_PORT_RANGE, Ipv4Cidr, PortRange},
     manifest,
 };
 
@@ -34,6 +34,8 @@ enum Command {
         paths: Vec<PathBuf>,
         #[arg(long, default_value = "10.96.0.0/12")]
         service_cidr: Ipv4Cidr,
+        #[arg(long, default_value_t = DEFAULT_NODE_PORT_RANGE)]
+        node_port_range: PortRange,
     },
 }
 
@@ -63,9 +65,14 @@ pub struct RunArgs {
     /// Links that face outside the cluster (NodePort, LoadBalancer); repeatable.
     #[arg(long = "external-interface")]
     external_interfaces: Vec<String>,
-    /// The range nodePorts are allocated from.
-    #[arg(long, default_value = "30000-32767", value_parser = parse_port_range)]
-    node_port_range: (u16, u16),
+    /// The range nodePorts are allocated from (kube-apiserver's --service-node-port-range).
+    #[arg(long, default_value_t = DEFAULT_NODE_PORT_RANGE)]
+    node_port_range: PortRange,
+    /// cgroup v2 directory whose processes get socket-level load balancing (connect, sendmsg,
+    /// recvmsg, getpeername), so that the node's own processes reach ClusterIPs and nodePorts;
+    /// usually the root, /sys/fs/cgroup. Without it, only pod and external traffic is served.
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
     /// This node's name, as endpoints' nodeName gives it.
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
@@ -105,20 +112,6 @@ enum Output {
     Json,
 }
 
-fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
-    let (low, high) = text
-        .split_once('-')
-        .ok_or_else(|| format!("{text:?} is not a range like 30000-32767"))?;
-    let low: u16 = low.parse().map_err(|e| format!("{low:?}: {e}"))?;
-    let high: u16 = high.parse().map_err(|e| format!("{high:?}: {e}"))?;
-    if low == 0 || low > high {
-        return Err(format!(
-            "{text:?}: the range must be ascending and start above 0"
-        ));
-    }
-    Ok((low, high))
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -127,7 +120,8 @@ fn main() -> ExitCode {
         Command::Check {
             paths,
             service_cidr,
-        } => check(&paths, service_cidr),
+            node_port_range,
+        } => check(&paths, service_cidr, node_port_range),
     };
     result.unwrap_or_else(|err| {
         eprintln!("error: {err:#}");
@@ -160,10 +154,15 @@ fn get(args: GetArgs) -> Result<()> {
     Ok(())
 }
 
-fn check(paths: &[PathBuf], service_cidr: Ipv4Cidr) -> Result<ExitCode> {
+fn check(
+    paths: &[PathBuf],
+    service_cidr: Ipv4Cidr,
+    node_port_range: PortRange,
+) -> Result<ExitCode> {
     let config = ControlPlaneConfig {
         service_cidr,
         state_dir: None,
+        node_port_range,
     };
     let problems = manifest::check(paths, &config)?;
     for problem in &problems {

@@ -61,6 +61,19 @@ impl fmt::Display for ServiceType {
     }
 }
 
+/// `spec.externalTrafficPolicy`: who may serve traffic that enters the cluster through this node
+/// (nodePorts, load-balancer and external IPs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TrafficPolicy {
+    /// Any endpoint, on any node; the client's address is replaced by the node's (SNAT) so that
+    /// replies come back through this node.
+    #[default]
+    Cluster,
+    /// Only this node's endpoints; the client's address reaches them unchanged, and a node
+    /// without a local endpoint drops the traffic.
+    Local,
+}
+
 /// One endpoint of one service port: the address and the resolved target port.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Endpoint {
@@ -81,6 +94,8 @@ pub struct ServicePort {
     pub name: String,
     pub port: u16,
     pub protocol: Protocol,
+    /// The port opened on every node IP (types NodePort and LoadBalancer).
+    pub node_port: Option<u16>,
     /// Sorted by (address, port), without duplicates.
     pub endpoints: Vec<Endpoint>,
 }
@@ -90,6 +105,12 @@ pub struct Service {
     pub name: ServiceName,
     pub service_type: ServiceType,
     pub cluster_ip: Ipv4Addr,
+    /// `spec.externalIPs` (the IPv4 ones): served at the service ports by any node that
+    /// receives traffic for them, whether or not the address is assigned to it.
+    pub external_ips: Vec<Ipv4Addr>,
+    /// `status.loadBalancer.ingress[].ip` (IPv4, ipMode VIP): served like external IPs.
+    pub load_balancer_ips: Vec<Ipv4Addr>,
+    pub external_traffic_policy: TrafficPolicy,
     pub ports: Vec<ServicePort>,
     /// metadata.creationTimestamp when the source gives one, else when this agent first saw it.
     pub created: SystemTime,
@@ -99,4 +120,13 @@ pub struct Service {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DesiredState {
     pub services: BTreeMap<ServiceName, Service>,
+}
+
+/// The node this agent serves, as far as the desired maps depend on it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Node {
+    /// `--node-ip`: where nodePorts answer; the first is the source of SNATed traffic.
+    pub ips: Vec<Ipv4Addr>,
+    /// `--node-name`: which endpoints are local, for externalTrafficPolicy Local.
+    pub name: Option<String>,
 }

@@ -2,14 +2,15 @@
 
 use std::{fs, sync::Arc, time::Duration};
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use service_agent::{
     api,
     controlplane::ControlPlaneConfig,
     dataplane::Dataplane,
-    interfaces::PodLinks,
+    dataplane::{EXTERNAL_INGRESS_PROGRAM, POD_INGRESS_PROGRAM},
+    interfaces::LinkAttachments,
     manifest::{ManifestEvents, ManifestSource},
-    model::DesiredState,
+    model::{DesiredState, Node},
     sync::Syncer,
 };
 use tokio::{
@@ -42,11 +43,17 @@ async fn serve(args: RunArgs) -> Result<()> {
     tracing::info!(
         node_ips = ?args.node_ips,
         external_interfaces = ?args.external_interfaces,
-        node_port_range = ?args.node_port_range,
+        node_port_range = %args.node_port_range,
         node_name = ?args.node_name,
+        cgroup = ?args.cgroup,
         "node settings (used by NodePort and traffic policies)"
     );
 
+    if !args.external_interfaces.is_empty() && args.node_ips.is_empty() {
+        bail!(
+            "--external-interface needs --node-ip: traffic from outside is SNATed to the node's address"
+        );
+    }
     let mut dataplane = Dataplane::load(Some(&args.pin_dir))?;
     tracing::info!(pin_dir = %args.pin_dir.display(), "dataplane loaded");
     let result = sync_until_signal(&args, &mut dataplane, &mut terminate, &mut interrupt).await;
@@ -61,13 +68,22 @@ async fn sync_until_signal(
     terminate: &mut tokio::signal::unix::Signal,
     interrupt: &mut tokio::signal::unix::Signal,
 ) -> Result<()> {
-    let mut syncer = Syncer::new(&dataplane.maps)?;
-    let mut links = PodLinks::new(args.pod_interfaces.clone());
+    let node = Node {
+        ips: args.node_ips.clone(),
+        name: args.node_name.clone(),
+    };
+    dataplane.maps.set_node(&node)?;
+    let mut syncer = Syncer::new(&dataplane.maps, node)?;
+    let mut links = [
+        LinkAttachments::new(POD_INGRESS_PROGRAM, args.pod_interfaces.clone()),
+        LinkAttachments::new(EXTERNAL_INGRESS_PROGRAM, args.external_interfaces.clone()),
+    ];
     let mut source = ManifestSource::new(
         args.manifests.clone(),
         ControlPlaneConfig {
             service_cidr: args.service_cidr.clone(),
             state_dir: Some(args.state_dir.clone()),
+            node_port_range: args.node_port_range,
         },
     )?;
     let (published, state) = watch::channel(Arc::new(DesiredState::default()));
@@ -88,8 +104,10 @@ async fn sync_until_signal(
                 }
             }
         }
-        if let Err(err) = attach_new_links(&mut links, dataplane) {
-            tracing::error!("{err:#}");
+        for links in &mut links {
+            if let Err(err) = attach_new_links(links, dataplane) {
+                tracing::error!("{err:#}");
+            }
         }
         let started = std::time::Instant::now();
         let refresh = match source.refresh() {
@@ -116,7 +134,9 @@ async fn sync_until_signal(
             Err(err) => tracing::error!("sync failed: {err:#}"),
         }
     };
-    links.detach_all(dataplane.pod_ingress());
+    for links in &mut links {
+        links.detach_all(dataplane.tc_program(links.program()));
+    }
     result
 }
 
@@ -128,14 +148,21 @@ async fn manifest_change(events: Option<&ManifestEvents>) -> Result<()> {
     }
 }
 
-fn attach_new_links(links: &mut PodLinks, dataplane: &mut Dataplane) -> Result<()> {
-    for name in links.reconcile(dataplane.pod_ingress())? {
+fn attach_new_links(links: &mut LinkAttachments, dataplane: &mut Dataplane) -> Result<()> {
+    for name in links.reconcile(dataplane.tc_program(links.program()))? {
         // Replies leave the backend's link with the service IP as source, for which the node
         // has no route back through that link: reverse-path filtering would drop them.
         // The effective value is max(all, link), so both must be 0 (Cilium does the same).
-        for conf in ["all", name.as_str()] {
-            let path = format!("/proc/sys/net/ipv4/conf/{conf}/rp_filter");
-            fs::write(&path, "0").with_context(|| format!("writing 0 to {path}"))?;
+        // And translated packets may carry one of the node's own addresses as source (a
+        // nodePort reply, a SNATed request): without accept_local the kernel drops them as
+        // martians before routing them on.
+        for (conf, key, value) in [
+            ("all", "rp_filter", "0"),
+            (name.as_str(), "rp_filter", "0"),
+            (name.as_str(), "accept_local", "1"),
+        ] {
+            let path = format!("/proc/sys/net/ipv4/conf/{conf}/{key}");
+            fs::write(&path, value).with_context(|| format!("writing {value} to {path}"))?;
         }
     }
     Ok(())

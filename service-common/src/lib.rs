@@ -18,6 +18,12 @@ pub const SERVICES_V4_MAP: &str = "SERVICES_V4";
 pub const BACKENDS_V4_MAP: &str = "BACKENDS_V4";
 pub const REV_NAT_V4_MAP: &str = "REV_NAT_V4";
 pub const CONNTRACK_V4_MAP: &str = "CONNTRACK_V4";
+pub const NODE_V4_MAP: &str = "NODE_V4";
+
+/// The subdirectory of the agent's pin directory that holds its maps, named after their layout:
+/// aya does not check a reused pin's key or value size, so a layout change moves to a new
+/// directory rather than reuse old maps. Bump it whenever a pinned map's types change.
+pub const PIN_LAYOUT: &str = "v2";
 
 /// Capacities: 100,000 service ports with 4 slots on average (slot 0 and 3 backends), as many
 /// distinct backends as a 100,000-pod cluster has, one rev-NAT entry per service port.
@@ -49,10 +55,22 @@ pub struct ServiceEntry {
     pub backend_id: u32,
     /// Slot 0: how many backend slots the frontend has. 0 means no ready endpoint.
     pub count: u16,
-    pub _pad: u16,
+    /// Slot 0: `SERVICE_*` flags.
+    pub flags: u16,
     /// Slot 0: key of `REV_NAT_V4`, also recorded in conntrack so replies can be translated back.
     pub rev_nat_id: u32,
 }
+
+/// The frontend is reached from outside the pod network (a node IP's nodePort, a load-balancer
+/// or external IP): traffic to it that enters through an external interface is SNATed to the
+/// node, unless [`SERVICE_LOCAL`] says to keep the client's address.
+pub const SERVICE_EXTERNAL: u16 = 1 << 0;
+/// externalTrafficPolicy Local: the slots hold only this node's endpoints, and the client's
+/// address is kept.
+pub const SERVICE_LOCAL: u16 = 1 << 1;
+/// `count` is 0 only because every endpoint is on another node (policy Local): new flows are
+/// dropped, as kube-proxy does, instead of refused as for a Service without endpoints.
+pub const SERVICE_REMOTE_ENDPOINTS_ONLY: u16 = 1 << 2;
 
 /// Value of `BACKENDS_V4`, keyed by a backend id the agent allocates and does not reuse while a
 /// connection may still point at it.
@@ -93,12 +111,41 @@ pub struct ConntrackKeyV4 {
     pub _pad: u16,
 }
 
-/// Value of `CONNTRACK_V4`: which backend a flow was given, and which frontend it was for.
+/// Value of `CONNTRACK_V4`: which backend a flow was given, which frontend it was for, and for
+/// flows whose source is translated too ([`CT_SNAT`]) the other half of that translation.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConntrackEntryV4 {
     pub backend_id: u32,
     pub rev_nat_id: u32,
+    /// With [`CT_SNAT`]: in a forward entry the source the flow is given (node IP and an
+    /// allocated port, or the hairpin address); in a reverse entry the client's own address and
+    /// port, which replies get back as destination.
+    pub nat_address: u32,
+    pub nat_port: u16,
+    pub flags: u16,
+}
+
+/// The flow's source is translated as well as its destination (see [`ConntrackEntryV4`]).
+pub const CT_SNAT: u16 = 1 << 0;
+
+/// The source given to a pod's flow that a Service sent back to the pod itself (hairpin): a pod
+/// drops packets that carry its own address as source, so it sees this link-local address
+/// (Cilium's choice, 169.254.42.1) and replies to it through the node. Network byte order.
+pub const HAIRPIN_ADDRESS: u32 = u32::from_ne_bytes([169, 254, 42, 1]);
+
+/// Source ports given to SNATed flows: above Linux's default ephemeral range (32768-60999), so
+/// they never collide with the node's own connections, and outside the nodePort range.
+pub const SNAT_PORT_FIRST: u16 = 61_000;
+pub const SNAT_PORT_COUNT: u16 = 4_536;
+
+/// The one entry (index 0) of the `NODE_V4` array: what the kernel side knows about its node.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeV4 {
+    /// The address SNATed flows leave with (the first `--node-ip`); 0 = none configured, and
+    /// external traffic that would need SNAT is dropped.
+    pub snat_address: u32,
 }
 
 // The layouts above must have no implicit padding: size = sum of fields, and the kernel side sees
@@ -110,7 +157,8 @@ const _: () = {
     assert!(size_of::<BackendV4>() == 8 && align_of::<BackendV4>() == 4);
     assert!(size_of::<RevNatV4>() == 8 && align_of::<RevNatV4>() == 4);
     assert!(size_of::<ConntrackKeyV4>() == 16 && align_of::<ConntrackKeyV4>() == 4);
-    assert!(size_of::<ConntrackEntryV4>() == 8 && align_of::<ConntrackEntryV4>() == 4);
+    assert!(size_of::<ConntrackEntryV4>() == 16 && align_of::<ConntrackEntryV4>() == 4);
+    assert!(size_of::<NodeV4>() == 4 && align_of::<NodeV4>() == 4);
 };
 
 #[cfg(feature = "user")]
@@ -124,4 +172,5 @@ mod pod {
     unsafe impl aya::Pod for RevNatV4 {}
     unsafe impl aya::Pod for ConntrackKeyV4 {}
     unsafe impl aya::Pod for ConntrackEntryV4 {}
+    unsafe impl aya::Pod for NodeV4 {}
 }

@@ -2,11 +2,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap},
+    maps::{Array, HashMap, LruHashMap},
 };
 use service_common::{
     BACKENDS_V4_MAX_ENTRIES, BackendV4, CONNTRACK_V4_MAX_ENTRIES, ConntrackEntryV4, ConntrackKeyV4,
-    REV_NAT_V4_MAX_ENTRIES, RevNatV4, SERVICES_V4_MAX_ENTRIES, ServiceEntry, ServiceKeyV4,
+    NodeV4, REV_NAT_V4_MAX_ENTRIES, RevNatV4, SERVICES_V4_MAX_ENTRIES, ServiceEntry, ServiceKeyV4,
 };
 
 /// Service maps are sized for 100,000 services but allocate entries as the agent writes them
@@ -30,3 +30,7 @@ pub static REV_NAT_V4: HashMap<u32, RevNatV4> =
 #[map]
 pub static CONNTRACK_V4: LruHashMap<ConntrackKeyV4, ConntrackEntryV4> =
     LruHashMap::with_max_entries(CONNTRACK_V4_MAX_ENTRIES, 0);
+
+/// One entry, written by the agent at start.
+#[map]
+pub static NODE_V4: Array<NodeV4> = Array::with_max_entries(1, 0);

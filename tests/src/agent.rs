@@ -22,7 +22,7 @@ use crate::{
     netns,
     poll::{CONVERGENCE_TIMEOUT, eventually},
     process::{COMMAND_TIMEOUT, output_within, wait_within},
-    topology::{NODE_NAME, POD_INTERFACE_GLOB, Pod, Topology},
+    topology::{POD_INTERFACE_GLOB, Pod, Topology},
     unique::BPFFS,
 };
 
@@ -72,6 +72,15 @@ impl<'t> Agent<'t> {
     /// Starts the agent on the topology's pod links with `--manifests` for each of `manifests`,
     /// and waits until it answers on its API socket.
     pub fn start(topology: &'t Topology, manifests: &[&Path]) -> Result<Self> {
+        Self::start_with(topology, manifests, &[])
+    }
+
+    /// The same with more arguments, e.g. `--external-interface` and `--node-ip`.
+    pub fn start_with(
+        topology: &'t Topology,
+        manifests: &[&Path],
+        extra_args: &[&str],
+    ) -> Result<Self> {
         mount_bpffs()?;
         let scratch = topology.scratch_dir();
         let agent = Self {
@@ -88,13 +97,15 @@ impl<'t> Agent<'t> {
         }
         command
             .args(["--pod-interface", POD_INTERFACE_GLOB])
-            .args(["--service-cidr", SERVICE_CIDR, "--node-name", NODE_NAME])
+            .args(["--service-cidr", SERVICE_CIDR])
+            .args(["--node-name", topology.node_name()])
             .arg("--pin-dir")
             .arg(&agent.pin_dir)
             .arg("--state-dir")
             .arg(scratch.join("agent-state"))
             .arg("--api-socket")
-            .arg(&agent.api_socket);
+            .arg(&agent.api_socket)
+            .args(extra_args);
         agent.spawn(command)
     }
 

@@ -44,10 +44,15 @@ pub struct TcpSession {
 }
 
 impl TcpSession {
-    /// Sends a line and returns the backend's answer.
+    /// Sends a line and returns the backend's answer: its pod name.
     pub fn request(&mut self) -> Result<String> {
+        self.ask("hello")
+    }
+
+    /// Sends `line` and returns the backend's answer.
+    pub fn ask(&mut self, line: &str) -> Result<String> {
         let to = self.to;
-        writeln!(self.writer, "hello").with_context(|| format!("TCP send to {to}"))?;
+        writeln!(self.writer, "{line}").with_context(|| format!("TCP send to {to}"))?;
         let mut reply = String::new();
         let read = self
             .reader

@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod client;
+pub mod lan;
 pub mod manifest;
 pub mod netns;
 pub mod poll;

@@ -13,7 +13,7 @@ use anyhow::{Context, Result};
 
 use crate::{
     servers,
-    topology::{NODE_NAME, Pod, Topology},
+    topology::{Pod, Topology},
 };
 
 /// The Service's TCP port; its targetPort is the container port named `http` ([`servers::TCP_PORT`]).
@@ -25,7 +25,8 @@ pub const SERVICE_UDP_PORT: u16 = 53;
 /// A Pod object for a backend pod of the topology, labelled `app: <app>`, whose containers expose
 /// the [`servers`] ports; `ready` is its Ready condition.
 pub fn backend_pod(pod: &Pod, namespace: &str, app: &str, ready: bool) -> String {
-    let (name, ip, ready) = (&pod.name, pod.ip, if ready { "True" } else { "False" });
+    let (name, ip, node_name) = (&pod.name, pod.ip, &pod.node_name);
+    let ready = if ready { "True" } else { "False" };
     let (tcp_port, udp_port) = (servers::TCP_PORT, servers::UDP_PORT);
     format!(
         "\
@@ -37,7 +38,7 @@ metadata:
   labels:
     app: {app}
 spec:
-  nodeName: {NODE_NAME}
+  nodeName: {node_name}
   containers:
   - name: {app}
     image: registry.k8s.io/e2e-test-images/agnhost:2.53

@@ -18,8 +18,12 @@ use anyhow::{Context, Result};
 
 use crate::{netns, topology::Pod};
 
-/// The backend's TCP port: reads lines, answers each with `<pod name>\n`.
+/// The backend's TCP port: reads lines, answers each with `<pod name>\n`, except
+/// [`PEER_QUESTION`].
 pub const TCP_PORT: u16 = 8080;
+/// A line the TCP server answers with the client address it sees, so that a test can tell whether
+/// the source address was kept or translated on the way.
+pub const PEER_QUESTION: &str = "who am i";
 /// The backend's UDP port: answers each datagram with `<pod name>`.
 pub const UDP_PORT: u16 = 5353;
 
@@ -105,11 +109,19 @@ fn answer_lines(connection: TcpStream, name: &str) {
     {
         return;
     }
-    let Ok(mut writer) = connection.try_clone() else {
+    let (Ok(mut writer), Ok(peer)) = (connection.try_clone(), connection.peer_addr()) else {
         return;
     };
     for line in BufReader::new(connection).lines() {
-        if line.is_err() || writeln!(writer, "{name}").is_err() {
+        let Ok(line) = line else {
+            return;
+        };
+        let answer = if line == PEER_QUESTION {
+            peer.ip().to_string()
+        } else {
+            name.to_owned()
+        };
+        if writeln!(writer, "{answer}").is_err() {
             return;
         }
     }

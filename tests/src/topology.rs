@@ -24,7 +24,7 @@ pub const POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
 /// The glob that matches the node side of every pod link, for `--pod-interface`.
 pub const POD_INTERFACE_GLOB: &str = "lxc*";
 
-/// `spec.nodeName` of the pods and the agent's `--node-name`.
+/// `spec.nodeName` of the pods and the agent's `--node-name`, for a single-node topology.
 pub const NODE_NAME: &str = "node-1";
 
 /// A pod of the topology: what traffic and manifests need to know about it. Cheap to clone; the
@@ -37,6 +37,8 @@ pub struct Pod {
     pub netns: String,
     /// Name of the node side of the pod's veth pair.
     pub node_link: String,
+    /// The Kubernetes node it runs on (`spec.nodeName`).
+    pub node_name: String,
 }
 
 pub struct Topology {
@@ -47,6 +49,7 @@ pub struct Topology {
     servers: Mutex<Vec<BackendServer>>,
     pods: Mutex<Vec<NetNs>>,
     node: NetNs,
+    node_name: String,
     next_link: AtomicUsize,
     scratch: ScratchDir,
 }
@@ -54,6 +57,11 @@ pub struct Topology {
 impl Topology {
     /// A node namespace that forwards between pods, without any pod yet.
     pub fn new() -> Result<Self> {
+        Self::named(NODE_NAME)
+    }
+
+    /// The same, for one node of several: `node_name` is its Kubernetes name.
+    pub fn named(node_name: &str) -> Result<Self> {
         let run = RunId::next();
         let scratch = ScratchDir::create(run.scratch_dir())?;
         let node = NetNs::create(&run.netns_name("node"))?;
@@ -67,6 +75,7 @@ impl Topology {
             servers: Mutex::default(),
             pods: Mutex::default(),
             node,
+            node_name: node_name.to_owned(),
             next_link: AtomicUsize::new(0),
             scratch,
         })
@@ -79,6 +88,11 @@ impl Topology {
     /// Name of the node's network namespace.
     pub fn node_netns(&self) -> &str {
         self.node.name()
+    }
+
+    /// The node's Kubernetes name: its pods' `spec.nodeName` and the agent's `--node-name`.
+    pub fn node_name(&self) -> &str {
+        &self.node_name
     }
 
     /// A directory for this topology's files (manifests, agent state and log); removed with it.
@@ -107,6 +121,7 @@ impl Topology {
             ip: address,
             netns: netns.name().to_string(),
             node_link: format!("lxc{}", self.next_link.fetch_add(1, Ordering::Relaxed)),
+            node_name: self.node_name.clone(),
         };
         lock(&self.pods).push(netns);
         let (node, link, pod_ns) = (self.node.name(), pod.node_link.as_str(), pod.netns.as_str());

@@ -1,104 +1,234 @@
 //! Packet fixtures through BPF_PROG_TEST_RUN: an input frame, the verdict and the exact output
-//! frame the real `pod_ingress` program must produce, with the maps programmed by the real
-//! syncer from a desired model (as Katran's and Cilium's BPF tests do).
+//! frame the real TC programs (`pod_ingress`, `external_ingress`) must produce, with the maps
+//! programmed by the real syncer from a desired model for a chosen node (as Katran's and Cilium's
+//! BPF tests do).
 
 mod packets;
 
-use std::{net::Ipv4Addr, time::SystemTime};
+use std::{collections::BTreeSet, net::Ipv4Addr, ops::RangeInclusive, time::SystemTime};
 
-use aya::programs::{TestRun, TestRunOptions};
-use packets::{Packet, TCP, UDP, assert_checksums_valid};
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use packets::{
+    Packet, TCP, UDP, assert_checksums_valid, assert_icmp_checksums_valid, flow_of,
+    icmp_port_unreachable,
+};
 use service_agent::{
-    dataplane::Dataplane,
-    model::{DesiredState, Endpoint, Protocol, Service, ServiceName, ServicePort, ServiceType},
+    dataplane::{Dataplane, EXTERNAL_INGRESS_PROGRAM, POD_INGRESS_PROGRAM},
+    model::{
+        DesiredState, Endpoint, Node, Protocol, Service, ServiceName, ServicePort, ServiceType,
+        TrafficPolicy,
+    },
     sync::Syncer,
 };
+use service_common::{SNAT_PORT_COUNT, SNAT_PORT_FIRST};
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+
+/// The programs, by where they are attached: links to this node's pods, links to the outside.
+const POD: &str = POD_INGRESS_PROGRAM;
+const EXTERNAL: &str = EXTERNAL_INGRESS_PROGRAM;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const CLIENT: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 244, 0, 9), 40000);
 const FRONTEND: (Ipv4Addr, u16) = (VIP, 80);
 const DNS_FRONTEND: (Ipv4Addr, u16) = (VIP, 53);
 
+/// The node under test and the traffic that reaches it from outside the cluster.
+const NODE_NAME: &str = "node-a";
+const OTHER_NODE_NAME: &str = "node-b";
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 1);
+const NODE_PORT: u16 = 30080;
+const NODE_PORT_FRONTEND: (Ipv4Addr, u16) = (NODE_IP, NODE_PORT);
+const EXTERNAL_CLIENT: (Ipv4Addr, u16) = (Ipv4Addr::new(192, 168, 100, 10), 40000);
+const LOAD_BALANCER_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
+/// The source a pod sees on its own flows that a Service sent back to it (Cilium's choice).
+const HAIRPIN_ADDRESS: Ipv4Addr = Ipv4Addr::new(169, 254, 42, 1);
+/// Source ports of SNATed flows.
+const SNAT_PORTS: RangeInclusive<u16> = SNAT_PORT_FIRST..=SNAT_PORT_FIRST + (SNAT_PORT_COUNT - 1);
+
+/// Where a SNATed flow went: (its backend, the source port the node gave it).
+type SnatedFlow = ((Ipv4Addr, u16), u16);
+
 fn backend(last_octet: u8) -> (Ipv4Addr, u16) {
     (Ipv4Addr::new(10, 244, 1, last_octet), 8080)
 }
 
-/// A dataplane with one service at VIP: TCP 80 and UDP 53 -> the given backends' port 8080.
+// --- The desired model ---------------------------------------------------------------------------
+
+/// The node `node-a` with one address, where nodePorts answer and SNATed flows leave from.
+fn node_a() -> Node {
+    Node {
+        ips: vec![NODE_IP],
+        name: Some(NODE_NAME.into()),
+    }
+}
+
+/// A ready endpoint at `backend` port 8080, on `node_name` when given.
+fn endpoint(last_octet: u8, node_name: Option<&str>) -> Endpoint {
+    Endpoint {
+        address: backend(last_octet).0,
+        port: backend(last_octet).1,
+        ready: true,
+        serving: true,
+        terminating: false,
+        node_name: node_name.map(Into::into),
+    }
+}
+
+/// Ready endpoints at the given backends, node unknown.
+fn endpoints(backends: &[u8]) -> Vec<Endpoint> {
+    backends
+        .iter()
+        .map(|&octet| endpoint(octet, None))
+        .collect()
+}
+
+fn service_port(name: &str, port: u16, protocol: Protocol, endpoints: &[Endpoint]) -> ServicePort {
+    ServicePort {
+        name: name.into(),
+        port,
+        protocol,
+        node_port: None,
+        endpoints: endpoints.to_vec(),
+    }
+}
+
+/// A ClusterIP Service `default/web` at VIP with policy Cluster: the base every test adjusts.
+fn cluster_ip_service(ports: Vec<ServicePort>) -> Service {
+    Service {
+        name: ServiceName {
+            namespace: "default".into(),
+            name: "web".into(),
+        },
+        service_type: ServiceType::ClusterIP,
+        cluster_ip: VIP,
+        external_ips: Vec::new(),
+        load_balancer_ips: Vec::new(),
+        external_traffic_policy: TrafficPolicy::Cluster,
+        ports,
+        created: SystemTime::now(),
+    }
+}
+
+/// The ClusterIP service of the ClusterIP tests: TCP 80 and UDP 53 -> the backends' port 8080.
+fn web_service(backends: &[u8]) -> Service {
+    let endpoints = endpoints(backends);
+    cluster_ip_service(vec![
+        service_port("http", 80, Protocol::Tcp, &endpoints),
+        service_port("dns", 53, Protocol::Udp, &endpoints),
+    ])
+}
+
+/// A NodePort Service: TCP 80 at VIP, and NODE_PORT on every node IP, -> the endpoints.
+fn node_port_service(policy: TrafficPolicy, endpoints: &[Endpoint]) -> Service {
+    Service {
+        service_type: ServiceType::NodePort,
+        external_traffic_policy: policy,
+        ..cluster_ip_service(vec![ServicePort {
+            node_port: Some(NODE_PORT),
+            ..service_port("http", 80, Protocol::Tcp, endpoints)
+        }])
+    }
+}
+
+/// A LoadBalancer Service: TCP 80 at VIP, LOAD_BALANCER_IP and EXTERNAL_IP, policy Cluster, no
+/// nodePort (allocateLoadBalancerNodePorts: false).
+fn load_balancer_service(backends: &[u8]) -> Service {
+    Service {
+        service_type: ServiceType::LoadBalancer,
+        load_balancer_ips: vec![LOAD_BALANCER_IP],
+        external_ips: vec![EXTERNAL_IP],
+        ..cluster_ip_service(vec![service_port(
+            "http",
+            80,
+            Protocol::Tcp,
+            &endpoints(backends),
+        )])
+    }
+}
+
+fn desired(services: impl IntoIterator<Item = Service>) -> DesiredState {
+    let mut desired = DesiredState::default();
+    for service in services {
+        desired.services.insert(service.name.clone(), service);
+    }
+    desired
+}
+
+// --- Running the programs ------------------------------------------------------------------------
+
+/// One BPF_PROG_TEST_RUN of `program` on `frame`: (verdict, output frame). The output holds what
+/// the program left in the packet whatever the verdict, a redirect included.
+fn test_run(program: &SchedClassifier, frame: &[u8]) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; frame.len() + 256];
+    let result = program
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..TestRunOptions::default()
+        })
+        .expect("BPF_PROG_TEST_RUN");
+    out.truncate(result.data_size_out as usize);
+    (result.return_value, out)
+}
+
+/// A loaded dataplane for one node, with its maps programmed by the real syncer.
 struct Fixture {
     dataplane: Dataplane,
     syncer: Syncer,
 }
 
 impl Fixture {
-    /// None when not root: the caller skips (BPF needs CAP_BPF and CAP_NET_ADMIN).
+    /// The ClusterIP `web` service (TCP 80, UDP 53) with the given backends, on a node without
+    /// name or address. None when not root: the caller skips.
     fn new(backends: &[u8]) -> Option<Self> {
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipped: BPF_PROG_TEST_RUN needs root");
-            return None;
-        }
-        let dataplane = Dataplane::load(None).expect("load the dataplane");
-        let syncer = Syncer::new(&dataplane.maps).expect("read the maps");
-        let mut fixture = Self { dataplane, syncer };
+        let mut fixture = Self::on_node(Node::default())?;
         fixture.program(backends);
         Some(fixture)
     }
 
+    /// A dataplane for `node` (its first IP becomes the SNAT address), with no service yet.
+    /// None when not root: the caller skips (BPF needs CAP_BPF and CAP_NET_ADMIN).
+    fn on_node(node: Node) -> Option<Self> {
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: BPF_PROG_TEST_RUN needs root");
+            return None;
+        }
+        let mut dataplane = Dataplane::load(None).expect("load the dataplane");
+        dataplane.maps.set_node(&node).expect("write NODE_V4");
+        let syncer = Syncer::new(&dataplane.maps, node).expect("read the maps");
+        Some(Self { dataplane, syncer })
+    }
+
+    /// A node with the given services.
+    fn serving(node: Node, services: impl IntoIterator<Item = Service>) -> Option<Self> {
+        let mut fixture = Self::on_node(node)?;
+        fixture.sync(&desired(services));
+        Some(fixture)
+    }
+
+    /// Reprograms the ClusterIP `web` service with other backends.
     fn program(&mut self, backends: &[u8]) {
-        let endpoints: Vec<Endpoint> = backends
-            .iter()
-            .map(|&octet| Endpoint {
-                address: backend(octet).0,
-                port: backend(octet).1,
-                ready: true,
-                serving: true,
-                terminating: false,
-                node_name: None,
-            })
-            .collect();
-        let port = |name: &str, port, protocol| ServicePort {
-            name: name.into(),
-            port,
-            protocol,
-            endpoints: endpoints.clone(),
-        };
-        let name = ServiceName {
-            namespace: "default".into(),
-            name: "web".into(),
-        };
-        let service = Service {
-            name: name.clone(),
-            service_type: ServiceType::ClusterIP,
-            cluster_ip: VIP,
-            ports: vec![
-                port("http", 80, Protocol::Tcp),
-                port("dns", 53, Protocol::Udp),
-            ],
-            created: SystemTime::now(),
-        };
-        let mut desired = DesiredState::default();
-        desired.services.insert(name, service);
+        self.sync(&desired([web_service(backends)]));
+    }
+
+    fn sync(&mut self, desired: &DesiredState) {
         self.syncer
-            .sync(&desired, &mut self.dataplane.maps)
+            .sync(desired, &mut self.dataplane.maps)
             .expect("program the maps");
     }
 
-    /// Runs the program on `frame`: (verdict, output frame).
+    /// Runs `pod_ingress` on `frame`: (verdict, output frame).
     fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
-        let mut out = vec![0u8; frame.len() + 256];
-        let result = self
-            .dataplane
-            .pod_ingress()
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ..TestRunOptions::default()
-            })
-            .expect("BPF_PROG_TEST_RUN");
-        out.truncate(result.data_size_out as usize);
-        (result.return_value, out)
+        self.run_on(POD, frame)
+    }
+
+    /// Runs the named program ([`POD`], [`EXTERNAL`]) on `frame`: (verdict, output frame).
+    fn run_on(&mut self, program: &str, frame: &[u8]) -> (u32, Vec<u8>) {
+        test_run(self.dataplane.tc_program(program), frame)
     }
 
     /// Asserts that `input` comes out unchanged with TC_ACT_OK.
@@ -111,18 +241,67 @@ impl Fixture {
         );
     }
 
-    /// The backend a client packet was sent to (its destination after the program ran).
+    /// Asserts that `program` turns `input` into exactly `expected`, with valid checksums.
+    fn assert_translated(&mut self, program: &str, input: &Packet, expected: &Packet) {
+        let (verdict, out) = self.run_on(program, &input.bytes());
+        assert_eq!(verdict, TC_ACT_OK, "{input:?}");
+        assert_eq!(out, expected.bytes(), "{input:?} must become {expected:?}");
+        assert_checksums_valid(&out);
+    }
+
+    /// Asserts that `program` drops `input`.
+    fn assert_dropped(&mut self, program: &str, input: &Packet) {
+        let (verdict, _) = self.run_on(program, &input.bytes());
+        assert_eq!(verdict, TC_ACT_SHOT, "{input:?} must be dropped");
+    }
+
+    /// Asserts that `program` answers `input` with exactly the ICMP port unreachable a host would
+    /// send, back out of the link it came in on.
+    fn assert_refused(&mut self, program: &str, input: &Packet) {
+        let (verdict, out) = self.run_on(program, &input.bytes());
+        assert_eq!(verdict, TC_ACT_REDIRECT, "{input:?} must be refused");
+        assert_eq!(out.len(), 70);
+        assert_eq!(out, icmp_port_unreachable(input));
+        assert_icmp_checksums_valid(&out);
+    }
+
+    /// The backend a client packet was sent to by `pod_ingress` (its destination after the
+    /// program ran).
     fn backend_of(&mut self, packet: &Packet) -> (Ipv4Addr, u16) {
         let (verdict, out) = self.run(&packet.bytes());
         assert_eq!(verdict, TC_ACT_OK);
         assert_checksums_valid(&out);
-        let ip = &out[14..];
-        let l4 = &ip[usize::from(ip[0] & 0x0f) * 4..];
-        (
-            Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
-            u16::from_be_bytes([l4[2], l4[3]]),
-        )
+        flow_of(&out).1
     }
+
+    /// Runs `program` on a client's packet that must be DNATed to a backend and SNATed to the
+    /// node (address NODE_IP, a port of SNAT_PORTS) with nothing else changed: (backend, port).
+    fn backend_and_snat_port_of(&mut self, program: &str, request: &Packet) -> SnatedFlow {
+        let (verdict, out) = self.run_on(program, &request.bytes());
+        assert_dnated_and_snated(request, verdict, &out)
+    }
+}
+
+/// Checks one run's result for a packet that must be DNATed to a backend and SNATed to the node:
+/// returns (backend, SNAT port).
+fn assert_dnated_and_snated(request: &Packet, verdict: u32, out: &[u8]) -> SnatedFlow {
+    assert_eq!(verdict, TC_ACT_OK, "{request:?}");
+    let ((source, snat_port), backend) = flow_of(out);
+    assert_eq!(source, NODE_IP, "the source must be the node's address");
+    assert!(
+        SNAT_PORTS.contains(&snat_port),
+        "SNAT port {snat_port} outside {SNAT_PORTS:?}"
+    );
+    assert_eq!(
+        out,
+        request
+            .with_src((NODE_IP, snat_port))
+            .with_dst(backend)
+            .bytes(),
+        "only the source and destination may change"
+    );
+    assert_checksums_valid(out);
+    (backend, snat_port)
 }
 
 #[test]
@@ -270,21 +449,59 @@ fn a_flow_stays_on_its_backend_and_flows_spread_over_all_backends() {
             "a tracked flow must keep its backend"
         );
     }
-    let mut seen = std::collections::BTreeSet::new();
+    let mut seen = BTreeSet::new();
     for port in 1..=60 {
         seen.insert(fx.backend_of(&flow.with_src((CLIENT.0, 50000 + port))));
     }
-    let all: std::collections::BTreeSet<_> = [backend(2), backend(3), backend(4)].into();
+    let all: BTreeSet<_> = [backend(2), backend(3), backend(4)].into();
     assert_eq!(seen, all, "60 new flows must reach all 3 backends");
 }
 
+// kube-proxy REJECTs traffic to a Service without endpoints: a TCP client's connect() fails at
+// once with ECONNREFUSED instead of timing out.
 #[test]
-fn a_service_without_endpoints_drops_new_flows() {
+fn tcp_to_a_service_without_endpoints_is_refused_with_port_unreachable() {
     let Some(mut fx) = Fixture::new(&[]) else {
         return;
     };
-    let (verdict, _) = fx.run(&Packet::new(TCP, CLIENT, FRONTEND).bytes());
-    assert_eq!(verdict, TC_ACT_SHOT);
+    fx.assert_refused(POD, &Packet::new(TCP, CLIENT, FRONTEND));
+}
+
+// The same REJECT for UDP: the client's next receive fails with ECONNREFUSED. The answer is
+// longer than the UDP datagram it replaces.
+#[test]
+fn udp_to_a_service_without_endpoints_is_refused_with_port_unreachable() {
+    let Some(mut fx) = Fixture::new(&[]) else {
+        return;
+    };
+    fx.assert_refused(POD, &Packet::new(UDP, CLIENT, DNS_FRONTEND));
+}
+
+// A nodePort without endpoints is REJECTed for external clients too, from the node's address.
+#[test]
+fn an_external_client_of_a_node_port_without_endpoints_is_refused() {
+    let Some(mut fx) = Fixture::serving(node_a(), [node_port_service(TrafficPolicy::Cluster, &[])])
+    else {
+        return;
+    };
+    fx.assert_refused(
+        EXTERNAL,
+        &Packet::new(TCP, EXTERNAL_CLIENT, NODE_PORT_FRONTEND),
+    );
+}
+
+// The refusal quotes a 20-byte header only: a packet with IP options is dropped instead (the
+// client times out, as if the REJECT were a DROP).
+#[test]
+fn a_packet_with_ip_options_to_a_service_without_endpoints_is_dropped() {
+    let Some(mut fx) = Fixture::new(&[]) else {
+        return;
+    };
+    let request = Packet {
+        ip_options: vec![1, 1, 1, 0],
+        ..Packet::new(TCP, CLIENT, FRONTEND)
+    };
+    fx.assert_dropped(POD, &request);
 }
 
 #[test]
@@ -304,4 +521,213 @@ fn a_flow_whose_backend_was_removed_moves_to_a_remaining_one() {
     let reply = Packet::new(UDP, backend(3), CLIENT);
     let (_, out) = fx.run(&reply.bytes());
     assert_eq!(out, reply.with_src(DNS_FRONTEND).bytes());
+}
+
+// NodePort, externalTrafficPolicy Cluster: a client outside the cluster reaches any endpoint
+// through any node's IP:nodePort. The node SNATs the client to its own address (kube-proxy's
+// MASQUERADE) so that the backend's reply comes back through it, whether the backend is on
+// another node (the reply enters through an external link) or on this one (through a pod link).
+#[test]
+fn node_port_from_outside_is_dnated_and_snated_and_the_reply_restored() {
+    let Some(mut fx) = Fixture::serving(
+        node_a(),
+        [node_port_service(
+            TrafficPolicy::Cluster,
+            &endpoints(&[2, 3, 4]),
+        )],
+    ) else {
+        return;
+    };
+    let request = Packet::new(TCP, EXTERNAL_CLIENT, NODE_PORT_FRONTEND);
+    let (chosen, snat_port) = fx.backend_and_snat_port_of(EXTERNAL, &request);
+    assert!([backend(2), backend(3), backend(4)].contains(&chosen));
+
+    let reply = Packet::new(TCP, chosen, (NODE_IP, snat_port));
+    let restored = Packet::new(TCP, NODE_PORT_FRONTEND, EXTERNAL_CLIENT);
+    fx.assert_translated(EXTERNAL, &reply, &restored); // a backend on another node
+    fx.assert_translated(POD, &reply, &restored); // a backend on this node
+
+    // The flow's next packets keep its backend and its source port.
+    for _ in 0..5 {
+        assert_eq!(
+            fx.backend_and_snat_port_of(EXTERNAL, &request),
+            (chosen, snat_port)
+        );
+    }
+}
+
+// Many external clients through one node share the node's address: no two flows to the same
+// backend may get the same source port, or replies would reach the wrong client. Two threads
+// open flows at the same time (on both CPUs when the scheduler allows) to exercise the claim of
+// a port by one flow only; then every reply must come back to its own client.
+#[test]
+fn concurrent_node_port_flows_get_distinct_snat_ports() {
+    let Some(mut fx) = Fixture::serving(
+        node_a(),
+        // One backend: every flow competes for the same (backend, port) tuples.
+        [node_port_service(TrafficPolicy::Cluster, &endpoints(&[2]))],
+    ) else {
+        return;
+    };
+    let client_ports: Vec<u16> = (0..200).map(|i| 20000 + i).collect();
+    let program = &*fx.dataplane.tc_program(EXTERNAL);
+    let flows: Vec<(u16, SnatedFlow)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = client_ports
+            .chunks(client_ports.len() / 2)
+            .map(|ports| {
+                scope.spawn(move || {
+                    ports
+                        .iter()
+                        .map(|&port| {
+                            let request =
+                                Packet::new(TCP, (EXTERNAL_CLIENT.0, port), NODE_PORT_FRONTEND);
+                            let (verdict, out) = test_run(program, &request.bytes());
+                            (port, assert_dnated_and_snated(&request, verdict, &out))
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|worker| worker.join().expect("a worker panicked"))
+            .collect()
+    });
+    let tuples: BTreeSet<_> = flows.iter().map(|(_, tuple)| *tuple).collect();
+    assert_eq!(
+        tuples.len(),
+        client_ports.len(),
+        "two flows share a (backend, SNAT port)"
+    );
+    for (client_port, (backend, snat_port)) in flows {
+        fx.assert_translated(
+            EXTERNAL,
+            &Packet::new(TCP, backend, (NODE_IP, snat_port)),
+            &Packet::new(TCP, NODE_PORT_FRONTEND, (EXTERNAL_CLIENT.0, client_port)),
+        );
+    }
+}
+
+// A pod talking to nodeIP:nodePort is DNATed only: its address is already routable in the
+// cluster, and the reply comes back through this node anyway.
+#[test]
+fn node_port_from_a_pod_is_dnated_only() {
+    let Some(mut fx) = Fixture::serving(
+        node_a(),
+        [node_port_service(TrafficPolicy::Cluster, &endpoints(&[2]))],
+    ) else {
+        return;
+    };
+    let request = Packet::new(TCP, CLIENT, NODE_PORT_FRONTEND);
+    fx.assert_translated(POD, &request, &request.with_dst(backend(2)));
+    let reply = Packet::new(TCP, backend(2), CLIENT);
+    fx.assert_translated(POD, &reply, &reply.with_src(NODE_PORT_FRONTEND));
+}
+
+// externalTrafficPolicy Local: external traffic goes only to this node's endpoints and keeps the
+// client's address (no SNAT), so the backend sees the real client; its reply, leaving the pod,
+// is made to come from the nodePort again.
+#[test]
+fn node_port_with_policy_local_reaches_only_local_endpoints_and_keeps_the_client() {
+    let Some(mut fx) = Fixture::serving(
+        node_a(),
+        [node_port_service(
+            TrafficPolicy::Local,
+            &[
+                endpoint(2, Some(NODE_NAME)),
+                endpoint(3, Some(OTHER_NODE_NAME)),
+            ],
+        )],
+    ) else {
+        return;
+    };
+    let request = Packet::new(TCP, EXTERNAL_CLIENT, NODE_PORT_FRONTEND);
+    fx.assert_translated(EXTERNAL, &request, &request.with_dst(backend(2)));
+    let reply = Packet::new(TCP, backend(2), EXTERNAL_CLIENT);
+    fx.assert_translated(POD, &reply, &reply.with_src(NODE_PORT_FRONTEND));
+    // New flows never go to the other node's endpoint.
+    for port in 1..=30 {
+        let request = request.with_src((EXTERNAL_CLIENT.0, 50000 + port));
+        fx.assert_translated(EXTERNAL, &request, &request.with_dst(backend(2)));
+    }
+}
+
+// externalTrafficPolicy Local on a node without a local endpoint: kube-proxy drops (the load
+// balancer's health check steers clients to other nodes), it does not REJECT. A Local service
+// without any endpoint anywhere is still REJECTed.
+#[test]
+fn node_port_with_policy_local_and_only_remote_endpoints_drops() {
+    let Some(mut fx) = Fixture::serving(
+        node_a(),
+        [node_port_service(
+            TrafficPolicy::Local,
+            &[
+                endpoint(2, Some(OTHER_NODE_NAME)),
+                endpoint(3, Some(OTHER_NODE_NAME)),
+            ],
+        )],
+    ) else {
+        return;
+    };
+    let request = Packet::new(TCP, EXTERNAL_CLIENT, NODE_PORT_FRONTEND);
+    fx.assert_dropped(EXTERNAL, &request);
+
+    fx.sync(&desired([node_port_service(TrafficPolicy::Local, &[])]));
+    fx.assert_refused(EXTERNAL, &request);
+}
+
+// Load-balancer IPs and external IPs are served at the service port by the node the traffic
+// reaches, like a nodePort: with policy Cluster the client is SNATed to the node, and the reply
+// comes from the address the client wrote to.
+#[test]
+fn load_balancer_and_external_ips_are_dnated_and_snated_and_the_reply_restored() {
+    let Some(mut fx) = Fixture::serving(node_a(), [load_balancer_service(&[2])]) else {
+        return;
+    };
+    for frontend in [(LOAD_BALANCER_IP, 80), (EXTERNAL_IP, 80)] {
+        let request = Packet::new(TCP, EXTERNAL_CLIENT, frontend);
+        let (chosen, snat_port) = fx.backend_and_snat_port_of(EXTERNAL, &request);
+        assert_eq!(chosen, backend(2));
+        let reply = Packet::new(TCP, chosen, (NODE_IP, snat_port));
+        fx.assert_translated(
+            EXTERNAL,
+            &reply,
+            &Packet::new(TCP, frontend, EXTERNAL_CLIENT),
+        );
+    }
+}
+
+// Hairpin: a pod that reaches its own Service and is given itself as backend would drop a packet
+// carrying its own address as source; it gets the hairpin address instead, and its reply to
+// that address is made to come from the Service.
+#[test]
+fn a_pod_sent_to_itself_sees_the_hairpin_address() {
+    let pod = (backend(2).0, 40000);
+    let Some(mut fx) = Fixture::serving(Node::default(), [web_service(&[2])]) else {
+        return;
+    };
+    let request = Packet::new(TCP, pod, FRONTEND);
+    fx.assert_translated(
+        POD,
+        &request,
+        &Packet::new(TCP, (HAIRPIN_ADDRESS, pod.1), backend(2)),
+    );
+    fx.assert_translated(
+        POD,
+        &Packet::new(TCP, backend(2), (HAIRPIN_ADDRESS, pod.1)),
+        &Packet::new(TCP, FRONTEND, pod),
+    );
+}
+
+// Without a node address there is nothing to SNAT external traffic to: it is dropped rather than
+// sent to a backend whose reply could not find its way back.
+#[test]
+fn external_traffic_that_needs_snat_is_dropped_without_a_node_address() {
+    let Some(mut fx) = Fixture::serving(Node::default(), [load_balancer_service(&[2])]) else {
+        return;
+    };
+    fx.assert_dropped(
+        EXTERNAL,
+        &Packet::new(TCP, EXTERNAL_CLIENT, (LOAD_BALANCER_IP, 80)),
+    );
 }

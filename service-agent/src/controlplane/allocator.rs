@@ -5,7 +5,6 @@
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     fs,
-    io::{ErrorKind, Write},
     net::Ipv4Addr,
     path::{Path, PathBuf},
 };
@@ -13,7 +12,10 @@ use std::{
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-use super::Ipv4Cidr;
+use super::{
+    Ipv4Cidr,
+    state_file::{read_if_present, write_atomically},
+};
 use crate::model::ServiceName;
 
 const STATE_FILE_NAME: &str = "clusterips.json";
@@ -157,12 +159,8 @@ impl ClusterIpAllocator {
 }
 
 fn load(state_file: &Path) -> anyhow::Result<BTreeMap<ServiceName, Ipv4Addr>> {
-    let json = match fs::read(state_file) {
-        Ok(json) => json,
-        Err(error) if error.kind() == ErrorKind::NotFound => return Ok(BTreeMap::new()),
-        Err(error) => {
-            return Err(error).with_context(|| format!("reading {}", state_file.display()));
-        }
+    let Some(json) = read_if_present(state_file)? else {
+        return Ok(BTreeMap::new());
     };
     let contents: StateFile = serde_json::from_slice(&json).with_context(|| {
         format!(
@@ -182,17 +180,6 @@ fn load(state_file: &Path) -> anyhow::Result<BTreeMap<ServiceName, Ipv4Addr>> {
             (service, stored.cluster_ip)
         })
         .collect())
-}
-
-/// A crash mid-write must leave either the old or the new file, never half of one.
-fn write_atomically(path: &Path, contents: &[u8]) -> std::io::Result<()> {
-    let mut temporary_path = path.as_os_str().to_owned();
-    temporary_path.push(".tmp");
-    let temporary_path = PathBuf::from(temporary_path);
-    let mut file = fs::File::create(&temporary_path)?;
-    file.write_all(contents)?;
-    file.sync_all()?;
-    fs::rename(&temporary_path, path)
 }
 
 #[cfg(test)]

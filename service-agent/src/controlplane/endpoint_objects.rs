@@ -233,10 +233,12 @@ mod tests {
 
     fn port(name: &str, protocol: Protocol) -> PortDefinition {
         PortDefinition {
+            index: 0,
             name: name.into(),
             port: 80,
             protocol,
             target_port: TargetPort::Number(80),
+            node_port: None,
         }
     }
 

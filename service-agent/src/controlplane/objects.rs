@@ -137,6 +137,8 @@ pub struct Service {
     pub metadata: ObjectMeta,
     #[serde(default)]
     pub spec: ServiceSpec,
+    #[serde(default)]
+    pub status: ServiceStatus,
 }
 
 impl Service {
@@ -170,6 +172,14 @@ pub struct ServiceSpec {
     pub ports: Vec<ServicePort>,
     #[serde(default)]
     pub publish_not_ready_addresses: bool,
+    #[serde(default, rename = "externalIPs")]
+    pub external_ips: Vec<String>,
+    #[serde(default)]
+    pub external_traffic_policy: Option<ExternalTrafficPolicy>,
+    /// None means true for a LoadBalancer (the API server's default); other types must leave it
+    /// unset.
+    #[serde(default)]
+    pub allocate_load_balancer_node_ports: Option<bool>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -179,6 +189,51 @@ pub enum ServiceType {
     NodePort,
     LoadBalancer,
     ExternalName,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub enum ExternalTrafficPolicy {
+    /// Older API versions spelled it `Global`, and the API server still accepts that.
+    #[serde(alias = "Global")]
+    Cluster,
+    Local,
+}
+
+/// Written by the load balancer's controller, not by the user.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceStatus {
+    #[serde(default)]
+    pub load_balancer: LoadBalancerStatus,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct LoadBalancerStatus {
+    #[serde(default)]
+    pub ingress: Vec<LoadBalancerIngress>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LoadBalancerIngress {
+    /// None for a load balancer known by `hostname` only (which is not read: a DNS name is
+    /// nothing a node can match packets against).
+    #[serde(default)]
+    pub ip: Option<String>,
+    /// None means VIP, as before the field existed.
+    #[serde(default)]
+    pub ip_mode: Option<LoadBalancerIpMode>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub enum LoadBalancerIpMode {
+    /// The load balancer delivers packets with the IP as their destination: the node must
+    /// translate it like a cluster IP.
+    #[serde(rename = "VIP")]
+    Vip,
+    /// The load balancer delivers packets to the node's own address (and port): nothing to
+    /// translate for the IP.
+    Proxy,
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -179,10 +179,12 @@ status:
 
     fn http_port(target_port: TargetPort) -> PortDefinition {
         PortDefinition {
+            index: 0,
             name: "http".into(),
             port: 80,
             protocol: Protocol::Tcp,
             target_port,
+            node_port: None,
         }
     }
 

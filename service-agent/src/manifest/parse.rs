@@ -301,7 +301,10 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-    use crate::controlplane::objects::{AddressType, PodPhase, Protocol, ServiceType, TargetPort};
+    use crate::controlplane::objects::{
+        AddressType, ExternalTrafficPolicy, LoadBalancerIpMode, PodPhase, Protocol, ServiceType,
+        TargetPort,
+    };
 
     fn parse(text: &str) -> Vec<Located<Object>> {
         parse_manifest(Path::new("examples/web.yaml"), text).unwrap_or_else(|problems| {
@@ -373,6 +376,67 @@ status: {loadBalancer: {}}
         assert_eq!(spec.ports[1].protocol, Protocol::Udp);
         assert_eq!(spec.ports[2].protocol, Protocol::Sctp);
         assert_eq!(spec.ports[2].target_port, None);
+    }
+
+    #[test]
+    fn parses_external_addresses_and_load_balancer_status() {
+        let objects = parse(
+            "
+apiVersion: v1
+kind: Service
+metadata: {name: lb}
+spec:
+  type: LoadBalancer
+  externalIPs: [192.0.2.10, 2001:db8::10]
+  externalTrafficPolicy: Global
+  allocateLoadBalancerNodePorts: false
+  ports: [{port: 80}]
+status:
+  loadBalancer:
+    ingress:
+    - {ip: 203.0.113.1, ipMode: VIP, ports: [{port: 80, protocol: TCP}]}
+    - {ip: 203.0.113.2, ipMode: Proxy}
+    - {hostname: lb.example.com}
+",
+        );
+        let [
+            Located {
+                object: Object::Service(service),
+                ..
+            },
+        ] = objects.as_slice()
+        else {
+            panic!("expected one Service, got {objects:?}");
+        };
+        let spec = &service.spec;
+        assert_eq!(spec.external_ips, ["192.0.2.10", "2001:db8::10"]);
+        assert_eq!(
+            spec.external_traffic_policy,
+            Some(ExternalTrafficPolicy::Cluster)
+        );
+        assert_eq!(spec.allocate_load_balancer_node_ports, Some(false));
+        let ingress: Vec<_> = service
+            .status
+            .load_balancer
+            .ingress
+            .iter()
+            .map(|ingress| (ingress.ip.as_deref(), ingress.ip_mode))
+            .collect();
+        assert_eq!(
+            ingress,
+            [
+                (Some("203.0.113.1"), Some(LoadBalancerIpMode::Vip)),
+                (Some("203.0.113.2"), Some(LoadBalancerIpMode::Proxy)),
+                (None, None),
+            ]
+        );
+        assert!(
+            problems(&SERVICE.replace(
+                "type: NodePort",
+                "type: NodePort\n  externalTrafficPolicy: Nearest"
+            ))[0]
+                .contains("spec.externalTrafficPolicy: unknown variant `Nearest`"),
+        );
     }
 
     #[test]

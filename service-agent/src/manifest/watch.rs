@@ -122,7 +122,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        controlplane::{DEFAULT_SERVICE_CIDR, test_support::TempDir},
+        controlplane::{DEFAULT_NODE_PORT_RANGE, DEFAULT_SERVICE_CIDR, test_support::TempDir},
         model::ServiceName,
     };
 
@@ -130,6 +130,7 @@ mod tests {
         ControlPlaneConfig {
             service_cidr: DEFAULT_SERVICE_CIDR.parse().unwrap(),
             state_dir: state_dir.map(Path::to_owned),
+            node_port_range: DEFAULT_NODE_PORT_RANGE,
         }
     }
 

@@ -9,7 +9,10 @@ use anyhow::{Context as _, Result};
 use service_common::IPPROTO_UDP;
 
 pub use self::plan::{IdAllocator, MapContents, MapOp, desired_contents, diff};
-use crate::{dataplane::ServiceMaps, model::DesiredState};
+use crate::{
+    dataplane::ServiceMaps,
+    model::{DesiredState, Node},
+};
 
 /// What one sync did, for logs and metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -22,19 +25,20 @@ pub struct Syncer {
     /// What the maps hold: read once at start, then kept in step with every successful write.
     current: MapContents,
     ids: IdAllocator,
+    node: Node,
 }
 
 impl Syncer {
     /// Reads what the maps hold now (empty on a fresh start, the previous agent's state when the
     /// maps were pinned), so the first sync only writes what differs.
-    pub fn new(maps: &ServiceMaps) -> Result<Self> {
+    pub fn new(maps: &ServiceMaps, node: Node) -> Result<Self> {
         let current = maps.read_contents()?;
         let ids = IdAllocator::after(&current);
-        Ok(Self { current, ids })
+        Ok(Self { current, ids, node })
     }
 
     pub fn sync(&mut self, desired: &DesiredState, maps: &mut ServiceMaps) -> Result<SyncReport> {
-        let next = desired_contents(desired, &self.current, &mut self.ids);
+        let next = desired_contents(desired, &self.node, &self.current, &mut self.ids);
         let ops = diff(&self.current, &next);
         let before = self.current.frontend_backends();
         for op in &ops {

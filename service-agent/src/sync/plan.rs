@@ -1,11 +1,17 @@
 //! From the desired model to map contents, and from two map contents to the ordered writes that
 //! turn one into the other. Pure functions: the kernel is only touched by `sync::Syncer`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
 
-use service_common::{BackendV4, RevNatV4, ServiceEntry, ServiceKeyV4};
+use service_common::{
+    BackendV4, RevNatV4, SERVICE_EXTERNAL, SERVICE_LOCAL, SERVICE_REMOTE_ENDPOINTS_ONLY,
+    ServiceEntry, ServiceKeyV4,
+};
 
-use crate::model::{DesiredState, Endpoint, Protocol};
+use crate::model::{DesiredState, Endpoint, Node, Protocol, TrafficPolicy};
 
 /// What the service maps hold, or should hold.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -74,7 +80,7 @@ impl IdAllocator {
 }
 
 /// A frontend as the maps key it: (address, port, protocol), all in network byte order.
-fn frontend_key(address: std::net::Ipv4Addr, port: u16, protocol: Protocol) -> ServiceKeyV4 {
+fn frontend_key(address: Ipv4Addr, port: u16, protocol: Protocol) -> ServiceKeyV4 {
     ServiceKeyV4 {
         address: u32::from_ne_bytes(address.octets()),
         port: port.to_be(),
@@ -106,77 +112,150 @@ fn serving_endpoints(endpoints: &[Endpoint]) -> Vec<&Endpoint> {
         .collect()
 }
 
-/// Computes what the maps must hold for `desired`, keeping every id and slot that `current`
-/// already gives an unchanged frontend or backend, so that a change rewrites only what differs.
+/// Computes what the maps must hold for `desired` on `node`, keeping every id and slot that
+/// `current` already gives an unchanged frontend or backend, so that a change rewrites only what
+/// differs.
+///
+/// Each service port becomes several frontends, all plain `SERVICES_V4` entries so that the
+/// packet path's lookup is the same for every kind: the ClusterIP; for a nodePort, every node IP
+/// and 127.0.0.1 (reached through the socket hooks); every external and load-balancer IP.
 pub fn desired_contents(
     desired: &DesiredState,
+    node: &Node,
     current: &MapContents,
     ids: &mut IdAllocator,
 ) -> MapContents {
-    let current_backend_ids: BTreeMap<BackendV4, u32> =
-        current.backends.iter().map(|(id, b)| (*b, *id)).collect();
-    let mut contents = MapContents::default();
-    let mut backend_ids: BTreeMap<BackendV4, u32> = BTreeMap::new();
-    let mut backend_id_for = |backend: BackendV4, contents: &mut MapContents| -> u32 {
-        let id = *backend_ids.entry(backend).or_insert_with(|| {
-            current_backend_ids
+    let mut planner = Planner {
+        current,
+        ids,
+        contents: MapContents::default(),
+        current_backend_ids: current.backends.iter().map(|(id, b)| (*b, *id)).collect(),
+        backend_ids: BTreeMap::new(),
+    };
+    for service in desired.services.values() {
+        let local = service.external_traffic_policy == TrafficPolicy::Local;
+        for port in &service.ports {
+            let endpoints = serving_endpoints(&port.endpoints);
+            planner.frontend(
+                frontend_key(service.cluster_ip, port.port, port.protocol),
+                0,
+                &endpoints,
+                port.protocol,
+            );
+
+            let mut external_flags = SERVICE_EXTERNAL;
+            let mut external_endpoints = endpoints.clone();
+            if local {
+                external_flags |= SERVICE_LOCAL;
+                external_endpoints.retain(|e| e.node_name.is_some() && e.node_name == node.name);
+                if external_endpoints.is_empty() && !endpoints.is_empty() {
+                    external_flags |= SERVICE_REMOTE_ENDPOINTS_ONLY;
+                }
+            }
+            let node_port_addresses = port.node_port.into_iter().flat_map(|node_port| {
+                node.ips
+                    .iter()
+                    .chain([&Ipv4Addr::LOCALHOST])
+                    .map(move |ip| (*ip, node_port))
+            });
+            let external_addresses = service
+                .external_ips
+                .iter()
+                .chain(&service.load_balancer_ips)
+                .map(|ip| (*ip, port.port));
+            for (address, port_number) in node_port_addresses.chain(external_addresses) {
+                planner.frontend(
+                    frontend_key(address, port_number, port.protocol),
+                    external_flags,
+                    &external_endpoints,
+                    port.protocol,
+                );
+            }
+        }
+    }
+    planner.contents
+}
+
+/// The state of one `desired_contents` pass.
+struct Planner<'a> {
+    current: &'a MapContents,
+    ids: &'a mut IdAllocator,
+    contents: MapContents,
+    current_backend_ids: BTreeMap<BackendV4, u32>,
+    backend_ids: BTreeMap<BackendV4, u32>,
+}
+
+impl Planner<'_> {
+    /// Programs one frontend with its slots. A frontend claimed earlier in the pass (two Services
+    /// listing the same external IP and port) keeps its first owner: the maps can hold only one.
+    fn frontend(
+        &mut self,
+        frontend: ServiceKeyV4,
+        flags: u16,
+        endpoints: &[&Endpoint],
+        protocol: Protocol,
+    ) {
+        if self.contents.services.contains_key(&frontend) {
+            return;
+        }
+        let rev_nat = RevNatV4 {
+            address: frontend.address,
+            port: frontend.port,
+            _pad: 0,
+        };
+        let rev_nat_id = self
+            .current
+            .services
+            .get(&frontend)
+            .map(|meta| meta.rev_nat_id)
+            .filter(|id| self.current.rev_nat.get(id) == Some(&rev_nat))
+            .unwrap_or_else(|| {
+                let id = self.ids.next_rev_nat_id;
+                self.ids.next_rev_nat_id += 1;
+                id
+            });
+        self.contents.rev_nat.insert(rev_nat_id, rev_nat);
+
+        let wanted: Vec<u32> = endpoints
+            .iter()
+            .map(|e| self.backend_id(backend_value(e, protocol)))
+            .collect();
+        let slots = assign_slots(self.current, &frontend, &wanted);
+        for (slot, backend_id) in slots.iter().enumerate() {
+            let key = ServiceKeyV4 {
+                slot: slot as u16 + 1,
+                ..frontend
+            };
+            let entry = ServiceEntry {
+                backend_id: *backend_id,
+                ..ServiceEntry::default()
+            };
+            self.contents.services.insert(key, entry);
+        }
+        let meta = ServiceEntry {
+            count: slots.len() as u16,
+            flags,
+            rev_nat_id,
+            ..ServiceEntry::default()
+        };
+        self.contents.services.insert(frontend, meta);
+    }
+
+    /// The backend's id: the one it has in the maps, else a fresh one.
+    fn backend_id(&mut self, backend: BackendV4) -> u32 {
+        let id = *self.backend_ids.entry(backend).or_insert_with(|| {
+            self.current_backend_ids
                 .get(&backend)
                 .copied()
                 .unwrap_or_else(|| {
-                    let id = ids.next_backend_id;
-                    ids.next_backend_id += 1;
+                    let id = self.ids.next_backend_id;
+                    self.ids.next_backend_id += 1;
                     id
                 })
         });
-        contents.backends.insert(id, backend);
+        self.contents.backends.insert(id, backend);
         id
-    };
-
-    for service in desired.services.values() {
-        for port in &service.ports {
-            let frontend = frontend_key(service.cluster_ip, port.port, port.protocol);
-            let rev_nat = RevNatV4 {
-                address: frontend.address,
-                port: frontend.port,
-                _pad: 0,
-            };
-            let rev_nat_id = current
-                .services
-                .get(&frontend)
-                .map(|meta| meta.rev_nat_id)
-                .filter(|id| current.rev_nat.get(id) == Some(&rev_nat))
-                .unwrap_or_else(|| {
-                    let id = ids.next_rev_nat_id;
-                    ids.next_rev_nat_id += 1;
-                    id
-                });
-            contents.rev_nat.insert(rev_nat_id, rev_nat);
-
-            let wanted: Vec<u32> = serving_endpoints(&port.endpoints)
-                .into_iter()
-                .map(|e| backend_id_for(backend_value(e, port.protocol), &mut contents))
-                .collect();
-            let slots = assign_slots(current, &frontend, &wanted);
-            for (slot, backend_id) in slots.iter().enumerate() {
-                let key = ServiceKeyV4 {
-                    slot: slot as u16 + 1,
-                    ..frontend
-                };
-                let entry = ServiceEntry {
-                    backend_id: *backend_id,
-                    ..ServiceEntry::default()
-                };
-                contents.services.insert(key, entry);
-            }
-            let meta = ServiceEntry {
-                count: slots.len() as u16,
-                rev_nat_id,
-                ..ServiceEntry::default()
-            };
-            contents.services.insert(frontend, meta);
-        }
     }
-    contents
 }
 
 /// Orders `wanted` backends into slots 1..=n so that a backend that keeps its place in `current`
@@ -250,7 +329,7 @@ mod tests {
     use std::{net::Ipv4Addr, time::SystemTime};
 
     use super::*;
-    use crate::model::{Service, ServiceName, ServicePort, ServiceType};
+    use crate::model::{Service, ServiceName, ServicePort, ServiceType, TrafficPolicy};
 
     fn endpoint(last_octet: u8, ready: bool) -> Endpoint {
         Endpoint {
@@ -274,10 +353,14 @@ mod tests {
                 name: name.clone(),
                 service_type: ServiceType::ClusterIP,
                 cluster_ip: Ipv4Addr::from(*ip),
+                external_ips: Vec::new(),
+                load_balancer_ips: Vec::new(),
+                external_traffic_policy: TrafficPolicy::Cluster,
                 ports: vec![ServicePort {
                     name: String::new(),
                     port: 80,
                     protocol: Protocol::Tcp,
+                    node_port: None,
                     endpoints: endpoints.clone(),
                 }],
                 created: SystemTime::UNIX_EPOCH,
@@ -293,7 +376,7 @@ mod tests {
         desired: &DesiredState,
         ids: &mut IdAllocator,
     ) -> (Vec<MapOp>, MapContents) {
-        let next = desired_contents(desired, current, ids);
+        let next = desired_contents(desired, &Node::default(), current, ids);
         (diff(current, &next), next)
     }
 
@@ -442,7 +525,12 @@ mod tests {
             ("b", [10, 96, 0, 11], vec![endpoint(2, true)]),
         ]);
         let mut ids = IdAllocator::after(&MapContents::default());
-        let next = desired_contents(&desired, &MapContents::default(), &mut ids);
+        let next = desired_contents(
+            &desired,
+            &Node::default(),
+            &MapContents::default(),
+            &mut ids,
+        );
         assert_eq!(next.backends.len(), 1);
         assert_eq!(slot_backends(&next).len(), 2);
     }
@@ -458,7 +546,12 @@ mod tests {
             vec![terminating, endpoint(3, false)],
         )]);
         let mut ids = IdAllocator::after(&MapContents::default());
-        let next = desired_contents(&desired, &MapContents::default(), &mut ids);
+        let next = desired_contents(
+            &desired,
+            &Node::default(),
+            &MapContents::default(),
+            &mut ids,
+        );
         let addresses: Vec<u32> = next.backends.values().map(|b| b.address).collect();
         assert_eq!(addresses, [u32::from_ne_bytes([10, 244, 0, 2])]);
     }
@@ -467,7 +560,12 @@ mod tests {
     fn frontend_without_endpoints_has_count_zero() {
         let desired = state(&[("web", [10, 96, 0, 10], vec![])]);
         let mut ids = IdAllocator::after(&MapContents::default());
-        let next = desired_contents(&desired, &MapContents::default(), &mut ids);
+        let next = desired_contents(
+            &desired,
+            &Node::default(),
+            &MapContents::default(),
+            &mut ids,
+        );
         assert_eq!(next.services.len(), 1);
         assert_eq!(next.services.values().next().unwrap().count, 0);
     }

@@ -4,8 +4,14 @@
 
 use std::net::Ipv4Addr;
 
+pub const ICMP: u8 = 1;
 pub const TCP: u8 = 6;
 pub const UDP: u8 = 17;
+
+/// The frames' MAC addresses: every [`Packet`] goes from `SENDER_MAC` to `RECEIVER_MAC`.
+pub const RECEIVER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+pub const SENDER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+const ETHERTYPE_IPV4: [u8; 2] = [0x08, 0x00];
 
 #[derive(Clone, Debug)]
 pub struct Packet {
@@ -95,11 +101,68 @@ impl Packet {
         let sum = internet_checksum(&ip, 0);
         ip[10..12].copy_from_slice(&sum.to_be_bytes());
 
-        let mut frame = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02, 0x08, 0x00];
+        let mut frame = ethernet(RECEIVER_MAC, SENDER_MAC);
         frame.extend_from_slice(&ip);
         frame.extend_from_slice(&l4);
         frame
     }
+}
+
+fn ethernet(dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(14);
+    frame.extend_from_slice(&dst);
+    frame.extend_from_slice(&src);
+    frame.extend_from_slice(&ETHERTYPE_IPV4);
+    frame
+}
+
+/// The answer a host sends back for `offending` (an option-less packet) when nothing listens on
+/// its port: an ICMP destination unreachable / port unreachable (RFC 792, RFC 1122 3.2.2.1)
+/// from the address the sender wrote to, back to the sender, in a frame with the MACs swapped.
+/// It quotes the offending IPv4 header and the first 8 bytes of its L4 header.
+pub fn icmp_port_unreachable(offending: &Packet) -> Vec<u8> {
+    assert!(
+        offending.ip_options.is_empty(),
+        "the quote is sized for a 20-byte IPv4 header"
+    );
+    let original = offending.bytes();
+    let quote = &original[14..14 + 20 + 8];
+
+    let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0]; // type, code, checksum, unused
+    icmp.extend_from_slice(quote);
+    let sum = internet_checksum(&icmp, 0);
+    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+
+    let mut ip = vec![0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&((20 + icmp.len()) as u16).to_be_bytes());
+    ip[8] = 64; // TTL; id, flags and fragment offset stay 0
+    ip[9] = ICMP;
+    ip[12..16].copy_from_slice(&offending.dst.0.octets());
+    ip[16..20].copy_from_slice(&offending.src.0.octets());
+    let sum = internet_checksum(&ip, 0);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+
+    let mut frame = ethernet(SENDER_MAC, RECEIVER_MAC);
+    frame.extend_from_slice(&ip);
+    frame.extend_from_slice(&icmp);
+    frame
+}
+
+/// The (source, destination) addresses and ports of an Ethernet/IPv4/TCP|UDP frame.
+pub fn flow_of(frame: &[u8]) -> ((Ipv4Addr, u16), (Ipv4Addr, u16)) {
+    let ip = &frame[14..];
+    let l4 = &ip[usize::from(ip[0] & 0x0f) * 4..];
+    (
+        (
+            Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
+            u16::from_be_bytes([l4[0], l4[1]]),
+        ),
+        (
+            Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
+            u16::from_be_bytes([l4[2], l4[3]]),
+        ),
+    )
 }
 
 /// RFC 1071 one's-complement sum, folded and inverted, over `data` plus an initial sum.
@@ -145,5 +208,24 @@ pub fn assert_checksums_valid(frame: &[u8]) {
         l4_checksum(src, dst, ip[9], segment),
         0,
         "L4 checksum is wrong"
+    );
+}
+
+/// Checks an Ethernet/IPv4/ICMP frame's IPv4 and ICMP checksums (the ICMP one covers the whole
+/// ICMP message, quote included); panics with the reason.
+pub fn assert_icmp_checksums_valid(frame: &[u8]) {
+    let ip = &frame[14..];
+    assert_eq!(ip[9], ICMP, "not an ICMP packet");
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    assert_eq!(
+        internet_checksum(&ip[..ihl], 0),
+        0,
+        "IPv4 header checksum is wrong"
+    );
+    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    assert_eq!(
+        internet_checksum(&ip[ihl..total], 0),
+        0,
+        "ICMP checksum is wrong"
     );
 }

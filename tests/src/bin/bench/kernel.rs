@@ -13,8 +13,11 @@ use std::{net::Ipv4Addr, time::SystemTime};
 use anyhow::{Context, Result, ensure};
 use aya::programs::{TestRun, TestRunOptions};
 use service_agent::{
-    dataplane::Dataplane,
-    model::{DesiredState, Endpoint, Protocol, Service, ServiceName, ServicePort, ServiceType},
+    dataplane::{Dataplane, POD_INGRESS_PROGRAM},
+    model::{
+        DesiredState, Endpoint, Node, Protocol, Service, ServiceName, ServicePort, ServiceType,
+        TrafficPolicy,
+    },
     sync::Syncer,
 };
 
@@ -44,7 +47,7 @@ pub fn measure(sizes: &[usize], flows: u16) -> Result<Vec<PacketCosts>> {
     let mut beds = Vec::new();
     for &services in sizes {
         let mut dataplane = Dataplane::load(None).context("cannot load the dataplane")?;
-        let mut syncer = Syncer::new(&dataplane.maps)?;
+        let mut syncer = Syncer::new(&dataplane.maps, Node::default())?;
         syncer
             .sync(&desired_state(services), &mut dataplane.maps)
             .with_context(|| format!("cannot program {services} services"))?;
@@ -80,7 +83,7 @@ struct Samples {
 impl Samples {
     /// The four kinds of packet for the flow from CLIENT:`port`.
     fn record(&mut self, dataplane: &mut Dataplane, vip: Ipv4Addr, port: u16) -> Result<()> {
-        let program = dataplane.pod_ingress();
+        let program = dataplane.tc_program(POD_INGRESS_PROGRAM);
         let run = |packet: &Packet| -> Result<(u32, Vec<u8>, f64)> {
             let frame = packet.bytes();
             let mut out = vec![0u8; frame.len() + 64];
@@ -137,10 +140,14 @@ fn desired_state(services: usize) -> DesiredState {
             name: name.clone(),
             service_type: ServiceType::ClusterIP,
             cluster_ip: offset(FIRST_VIP, index),
+            external_ips: Vec::new(),
+            load_balancer_ips: Vec::new(),
+            external_traffic_policy: TrafficPolicy::Cluster,
             ports: vec![ServicePort {
                 name: "http".into(),
                 port: 80,
                 protocol: Protocol::Tcp,
+                node_port: None,
                 endpoints,
             }],
             created: SystemTime::now(),

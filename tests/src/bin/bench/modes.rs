@@ -22,7 +22,7 @@ use integration_tests::{
     process::output_within,
     topology::{Pod, Topology},
 };
-use service_common::{CONNTRACK_V4_MAP, ConntrackEntryV4, ConntrackKeyV4};
+use service_common::{CONNTRACK_V4_MAP, ConntrackEntryV4, ConntrackKeyV4, PIN_LAYOUT};
 
 use crate::{
     nginx::Nginx,
@@ -155,7 +155,7 @@ fn sysctl(pod: &Pod, key: &str, value: &str) -> Result<()> {
 }
 
 fn flush_agent_conntrack(pin_dir: &Path) -> Result<()> {
-    let path = pin_dir.join("v1").join(CONNTRACK_V4_MAP);
+    let path = pin_dir.join(PIN_LAYOUT).join(CONNTRACK_V4_MAP);
     let data = MapData::from_pin(&path).with_context(|| format!("open {}", path.display()))?;
     let mut map: HashMap<_, ConntrackKeyV4, ConntrackEntryV4> =
         HashMap::try_from(Map::LruHashMap(data))?;

@@ -1,0 +1,545 @@
+//! Traffic from outside the pod network, on two nodes that each run their own agent with the same
+//! manifests (as a DaemonSet does) and a client on the nodes' LAN (see `integration_tests::lan`):
+//! NodePort with either externalTrafficPolicy, LoadBalancer ingress IPs and externalIPs, services
+//! without endpoints, hairpin traffic, and many concurrent clients through one NodePort.
+
+use std::{
+    io::ErrorKind,
+    net::{Ipv4Addr, SocketAddrV4},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use integration_tests::{
+    agent::Agent,
+    client::Transport,
+    lan::{self, CLIENT_IP, EXTERNAL_INTERFACE, Lan},
+    manifest::{self, ManifestDir, SERVICE_TCP_PORT, SERVICE_UDP_PORT},
+    poll::{CONVERGENCE_TIMEOUT, eventually},
+    privileged, servers,
+    topology::Pod,
+};
+
+const DEFAULT: &str = "default";
+const NODE_NAMES: [&str; 2] = ["node-a", "node-b"];
+const NODE_A: u8 = 1;
+const NODE_B: u8 = 2;
+/// Where the agent SNATs a pod that reaches its own service and lands on itself.
+const HAIRPIN_ADDRESS: Ipv4Addr = Ipv4Addr::new(169, 254, 42, 1);
+/// A refused connection comes back within a round trip; a dropped one only after the timeout.
+const REFUSAL_DEADLINE: Duration = Duration::from_millis(500);
+/// The issue's bar for concurrent clients through one NodePort with SNAT.
+const PARALLEL_CONNECTIONS: usize = 200;
+
+/// The two nodes with their agents; each node runs the [`servers`] in the pods it is given.
+struct Cluster {
+    // Agents borrow the LAN's nodes; the struct is built and dropped in `with_cluster`.
+    lan: Lan,
+    manifests: ManifestDir,
+}
+
+impl Cluster {
+    fn new() -> Result<Self> {
+        let lan = Lan::new(&NODE_NAMES)?;
+        let manifests = ManifestDir::create(lan.node(NODE_A))?;
+        Ok(Self { lan, manifests })
+    }
+
+    /// A backend pod on node `index` at 10.244.<index>.<host>.
+    fn backend(&self, index: u8, name: &str, host: u8) -> Result<Pod> {
+        self.lan
+            .node(index)
+            .add_backend_pod(name, lan::pod_ip(index, host))
+    }
+
+    /// Starts one agent per node on the shared manifests, with the node's LAN link and IP.
+    fn agents(&self) -> Result<Vec<Agent<'_>>> {
+        [NODE_A, NODE_B]
+            .into_iter()
+            .map(|index| {
+                let node_ip = lan::node_ip(index).to_string();
+                Agent::start_with(
+                    self.lan.node(index),
+                    &[self.manifests.path()],
+                    &[
+                        "--external-interface",
+                        EXTERNAL_INTERFACE,
+                        "--node-ip",
+                        &node_ip,
+                    ],
+                )
+            })
+            .collect()
+    }
+}
+
+/// The fields of a Service beyond its selector and ports.
+#[derive(Default)]
+struct Exposure<'a> {
+    service_type: &'a str,
+    /// Explicit nodePorts for the TCP and UDP ports; allocated when absent.
+    node_ports: Option<(u16, u16)>,
+    local_policy: bool,
+    external_ips: &'a [Ipv4Addr],
+    ingress_ips: &'a [Ipv4Addr],
+}
+
+/// A Service selecting `app: <app>` with the TCP and UDP ports of [`manifest::service`].
+fn service(name: &str, app: &str, exposure: &Exposure) -> String {
+    let (tcp_port, udp_port, udp_target) = (SERVICE_TCP_PORT, SERVICE_UDP_PORT, servers::UDP_PORT);
+    let service_type = exposure.service_type;
+    let (tcp_node_port, udp_node_port) = exposure.node_ports.map_or_else(
+        || (String::new(), String::new()),
+        |(tcp, udp)| {
+            (
+                format!("    nodePort: {tcp}\n"),
+                format!("    nodePort: {udp}\n"),
+            )
+        },
+    );
+    let policy = if exposure.local_policy {
+        "  externalTrafficPolicy: Local\n"
+    } else {
+        ""
+    };
+    let list = |ips: &[Ipv4Addr], item: &str| -> String {
+        ips.iter().map(|ip| format!("{item}{ip}\n")).collect()
+    };
+    let external_ips = match exposure.external_ips {
+        [] => String::new(),
+        ips => format!("  externalIPs:\n{}", list(ips, "  - ")),
+    };
+    let status = match exposure.ingress_ips {
+        [] => String::new(),
+        ips => format!(
+            "status:\n  loadBalancer:\n    ingress:\n{}",
+            list(ips, "    - ip: ")
+        ),
+    };
+    format!(
+        "\
+apiVersion: v1
+kind: Service
+metadata:
+  name: {name}
+  namespace: {DEFAULT}
+spec:
+  type: {service_type}
+{policy}{external_ips}  selector:
+    app: {app}
+  ports:
+  - name: http
+    protocol: TCP
+    port: {tcp_port}
+    targetPort: http
+{tcp_node_port}  - name: udp
+    protocol: UDP
+    port: {udp_port}
+    targetPort: {udp_target}
+{udp_node_port}{status}"
+    )
+}
+
+fn pods(pods: &[&Pod], app: &str) -> String {
+    manifest::documents(
+        pods.iter()
+            .map(|pod| manifest::backend_pod(pod, DEFAULT, app, true)),
+    )
+}
+
+fn tcp(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(ip, port)
+}
+
+/// Asks the backend behind `to` which address it sees the client come from.
+fn peer_seen_by_backend(client: &Pod, to: SocketAddrV4) -> Result<Ipv4Addr> {
+    let answer = client.tcp_connect(to)?.ask(servers::PEER_QUESTION)?;
+    answer
+        .parse()
+        .with_context(|| format!("the backend behind {to} answered {answer:?} for its peer"))
+}
+
+/// The nodePort the agent allocated for `name`'s port `port_name`.
+fn allocated_node_port(agent: &Agent, name: &str, port_name: &str) -> Result<u16> {
+    eventually(CONVERGENCE_TIMEOUT, "a nodePort allocated", || {
+        let services = agent.services()?;
+        let service = services
+            .iter()
+            .find(|service| service["name"]["name"] == name)
+            .with_context(|| format!("{name} not programmed"))?;
+        let ports = service["ports"].as_array().context("no ports")?;
+        let port = ports
+            .iter()
+            .find(|port| port["name"] == port_name)
+            .with_context(|| format!("no port {port_name}: {service}"))?;
+        let node_port = port["node_port"]
+            .as_u64()
+            .with_context(|| format!("no nodePort yet: {port}"))?;
+        Ok(u16::try_from(node_port)?)
+    })
+}
+
+/// Waits until `to` answers (programming is asynchronous) and returns the answering backend.
+fn wait_for_answer(client: &Pod, transport: Transport, to: SocketAddrV4) -> Result<String> {
+    eventually(
+        CONVERGENCE_TIMEOUT,
+        &format!("{transport} {to} answered"),
+        || client.request(transport, to),
+    )
+}
+
+/// Whether a TCP connection to `to` is refused (RST or ICMP port unreachable) quickly.
+fn refused_quickly(client: &Pod, to: SocketAddrV4) -> Result<()> {
+    let start = Instant::now();
+    match client.tcp_connect(to) {
+        Ok(_) => bail!("TCP {to} was accepted"),
+        Err(error) => {
+            let refused = error
+                .chain()
+                .filter_map(|cause| cause.downcast_ref::<std::io::Error>())
+                .any(|io| io.kind() == ErrorKind::ConnectionRefused);
+            ensure!(refused, "TCP {to} failed without being refused: {error:#}");
+        }
+    }
+    let elapsed = start.elapsed();
+    ensure!(
+        elapsed < REFUSAL_DEADLINE,
+        "TCP {to} was refused only after {elapsed:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn nodeport_reaches_a_backend_on_the_other_node_and_replies_return_through_the_first() -> Result<()>
+{
+    if !privileged(
+        "nodeport_reaches_a_backend_on_the_other_node_and_replies_return_through_the_first",
+    ) {
+        return Ok(());
+    }
+    let cluster = Cluster::new()?;
+    let b_web = cluster.backend(NODE_B, "b-web", 20)?;
+    let a_client = cluster
+        .lan
+        .node(NODE_A)
+        .add_pod("a-client", lan::pod_ip(NODE_A, 10))?;
+    let exposure = Exposure {
+        service_type: "NodePort",
+        node_ports: Some((30080, 30053)),
+        ..Exposure::default()
+    };
+    cluster.manifests.write(
+        "web.yaml",
+        &manifest::documents([pods(&[&b_web], "web"), service("web", "web", &exposure)]),
+    )?;
+    let agents = cluster.agents()?;
+    let cluster_ip = agents[0].wait_for_service(DEFAULT, "web")?;
+    let client = cluster.lan.client();
+    let via_a = tcp(lan::node_ip(NODE_A), 30080);
+
+    ensure!(wait_for_answer(&client, Transport::Tcp, via_a)? == "b-web");
+    // The backend on B answers node A, which received the request and turns the reply back.
+    let peer = peer_seen_by_backend(&client, via_a)?;
+    ensure!(
+        peer == lan::node_ip(NODE_A),
+        "the backend saw {peer}, not node A's address (the NodePort SNAT)"
+    );
+    let udp_via_a = SocketAddrV4::new(lan::node_ip(NODE_A), 30053);
+    ensure!(wait_for_answer(&client, Transport::Udp, udp_via_a)? == "b-web");
+    // Node B serves the same nodePort with its local backend.
+    let via_b = tcp(lan::node_ip(NODE_B), 30080);
+    ensure!(wait_for_answer(&client, Transport::Tcp, via_b)? == "b-web");
+    // The service's ClusterIP still works, from a pod on the node without the backend.
+    let clusterip = tcp(cluster_ip, SERVICE_TCP_PORT);
+    ensure!(wait_for_answer(&a_client, Transport::Tcp, clusterip)? == "b-web");
+    ensure!(
+        peer_seen_by_backend(&a_client, clusterip)? == a_client.ip,
+        "a pod's source address must reach the backend unchanged"
+    );
+    Ok(())
+}
+
+#[test]
+fn local_policy_serves_only_where_an_endpoint_runs_and_keeps_the_client_address() -> Result<()> {
+    if !privileged("local_policy_serves_only_where_an_endpoint_runs_and_keeps_the_client_address") {
+        return Ok(());
+    }
+    let cluster = Cluster::new()?;
+    let b_web = cluster.backend(NODE_B, "b-web", 20)?;
+    let exposure = Exposure {
+        service_type: "NodePort",
+        node_ports: Some((30081, 30054)),
+        local_policy: true,
+        ..Exposure::default()
+    };
+    cluster.manifests.write(
+        "web.yaml",
+        &manifest::documents([pods(&[&b_web], "web"), service("web", "web", &exposure)]),
+    )?;
+    let _agents = cluster.agents()?;
+    let client = cluster.lan.client();
+
+    let via_b = tcp(lan::node_ip(NODE_B), 30081);
+    ensure!(wait_for_answer(&client, Transport::Tcp, via_b)? == "b-web");
+    let peer = peer_seen_by_backend(&client, via_b)?;
+    ensure!(
+        peer == CLIENT_IP,
+        "with the Local policy the backend must see the client ({CLIENT_IP}), saw {peer}"
+    );
+    let udp_via_b = SocketAddrV4::new(lan::node_ip(NODE_B), 30054);
+    ensure!(wait_for_answer(&client, Transport::Udp, udp_via_b)? == "b-web");
+
+    // Node A has no endpoint of its own: its nodePort drops, it neither forwards nor refuses.
+    let via_a = tcp(lan::node_ip(NODE_A), 30081);
+    match client.tcp_request(via_a) {
+        Ok(backend) => bail!("{via_a} was answered by {backend} without a local endpoint"),
+        Err(error) => {
+            let refused = error
+                .chain()
+                .filter_map(|cause| cause.downcast_ref::<std::io::Error>())
+                .any(|io| io.kind() == ErrorKind::ConnectionRefused);
+            ensure!(!refused, "{via_a} must drop, not refuse: {error:#}");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn load_balancer_ingress_and_external_ips_reach_backends_on_both_nodes() -> Result<()> {
+    if !privileged("load_balancer_ingress_and_external_ips_reach_backends_on_both_nodes") {
+        return Ok(());
+    }
+    let cluster = Cluster::new()?;
+    let a_web = cluster.backend(NODE_A, "a-web", 20)?;
+    let b_web = cluster.backend(NODE_B, "b-web", 20)?;
+    let (ingress, external) = (
+        Ipv4Addr::new(203, 0, 113, 10),
+        Ipv4Addr::new(203, 0, 113, 20),
+    );
+    let exposure = Exposure {
+        service_type: "LoadBalancer",
+        external_ips: &[external],
+        ingress_ips: &[ingress],
+        ..Exposure::default()
+    };
+    cluster.manifests.write(
+        "web.yaml",
+        &manifest::documents([
+            pods(&[&a_web, &b_web], "web"),
+            service("web", "web", &exposure),
+        ]),
+    )?;
+    let agents = cluster.agents()?;
+    let client = cluster.lan.client();
+    let both = ["a-web", "b-web"];
+
+    for address in [ingress, external] {
+        let to = tcp(address, SERVICE_TCP_PORT);
+        agents[0].wait_for_backends(&client, Transport::Tcp, to, &both)?;
+        let udp = SocketAddrV4::new(address, SERVICE_UDP_PORT);
+        agents[0].wait_for_backends(&client, Transport::Udp, udp, &both)?;
+    }
+    // A LoadBalancer service also gets a nodePort, served on every node.
+    let node_port = allocated_node_port(&agents[0], "web", "http")?;
+    ensure!(
+        allocated_node_port(&agents[1], "web", "http")? == node_port,
+        "the two agents allocated different nodePorts for the same service"
+    );
+    let via_b = tcp(lan::node_ip(NODE_B), node_port);
+    agents[1].wait_for_backends(&client, Transport::Tcp, via_b, &both)?;
+    Ok(())
+}
+
+#[test]
+fn services_without_endpoints_refuse_connections_at_once() -> Result<()> {
+    if !privileged("services_without_endpoints_refuse_connections_at_once") {
+        return Ok(());
+    }
+    let cluster = Cluster::new()?;
+    let a_client = cluster
+        .lan
+        .node(NODE_A)
+        .add_pod("a-client", lan::pod_ip(NODE_A, 10))?;
+    let exposure = Exposure {
+        service_type: "NodePort",
+        node_ports: Some((30082, 30055)),
+        ..Exposure::default()
+    };
+    // The selector matches no pod.
+    cluster
+        .manifests
+        .write("empty.yaml", &service("empty", "nothing", &exposure))?;
+    let agents = cluster.agents()?;
+    let cluster_ip = agents[0].wait_for_service(DEFAULT, "empty")?;
+    agents[1].wait_for_service(DEFAULT, "empty")?;
+
+    refused_quickly(&a_client, tcp(cluster_ip, SERVICE_TCP_PORT))?;
+    refused_quickly(&cluster.lan.client(), tcp(lan::node_ip(NODE_B), 30082))?;
+    // UDP: the ICMP port unreachable makes the connected socket's receive fail at once.
+    let udp = SocketAddrV4::new(cluster_ip, SERVICE_UDP_PORT);
+    let start = Instant::now();
+    match a_client.udp_request(udp) {
+        Ok(answer) => bail!("UDP {udp} was answered: {answer}"),
+        Err(error) => {
+            let refused = error
+                .chain()
+                .filter_map(|cause| cause.downcast_ref::<std::io::Error>())
+                .any(|io| io.kind() == ErrorKind::ConnectionRefused);
+            ensure!(refused, "UDP {udp} failed without being refused: {error:#}");
+        }
+    }
+    ensure!(start.elapsed() < REFUSAL_DEADLINE, "UDP {udp} refused late");
+    Ok(())
+}
+
+#[test]
+fn a_pod_reaching_its_own_service_gets_its_replies() -> Result<()> {
+    if !privileged("a_pod_reaching_its_own_service_gets_its_replies") {
+        return Ok(());
+    }
+    let cluster = Cluster::new()?;
+    let a_web = cluster.backend(NODE_A, "a-web", 20)?;
+    let exposure = Exposure {
+        service_type: "ClusterIP",
+        ..Exposure::default()
+    };
+    cluster.manifests.write(
+        "web.yaml",
+        &manifest::documents([pods(&[&a_web], "web"), service("web", "web", &exposure)]),
+    )?;
+    let agents = cluster.agents()?;
+    let cluster_ip = agents[0].wait_for_service(DEFAULT, "web")?;
+
+    let to = tcp(cluster_ip, SERVICE_TCP_PORT);
+    ensure!(wait_for_answer(&a_web, Transport::Tcp, to)? == "a-web");
+    // The pod sees itself reached from the hairpin address: replying to its own address would
+    // never leave the pod, so the agent must translate the source too.
+    let peer = peer_seen_by_backend(&a_web, to)?;
+    ensure!(
+        peer == HAIRPIN_ADDRESS,
+        "hairpin traffic must come from {HAIRPIN_ADDRESS}, came from {peer}"
+    );
+    let udp = SocketAddrV4::new(cluster_ip, SERVICE_UDP_PORT);
+    ensure!(wait_for_answer(&a_web, Transport::Udp, udp)? == "a-web");
+    Ok(())
+}
+
+#[test]
+fn parallel_clients_through_one_nodeport_each_get_their_own_translation() -> Result<()> {
+    if !privileged("parallel_clients_through_one_nodeport_each_get_their_own_translation") {
+        return Ok(());
+    }
+    let cluster = Cluster::new()?;
+    let b_web = cluster.backend(NODE_B, "b-web", 20)?;
+    let exposure = Exposure {
+        service_type: "NodePort",
+        node_ports: Some((30083, 30056)),
+        ..Exposure::default()
+    };
+    cluster.manifests.write(
+        "web.yaml",
+        &manifest::documents([pods(&[&b_web], "web"), service("web", "web", &exposure)]),
+    )?;
+    let _agents = cluster.agents()?;
+    let client = cluster.lan.client();
+    let via_a = tcp(lan::node_ip(NODE_A), 30083);
+    wait_for_answer(&client, Transport::Tcp, via_a)?;
+
+    // Every connection is open before any asks, so that all their translations coexist.
+    let mut sessions = (0..PARALLEL_CONNECTIONS)
+        .map(|index| {
+            client
+                .tcp_connect(via_a)
+                .with_context(|| format!("connection {index}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let answers = thread::scope(|scope| {
+        let asking: Vec<_> = sessions
+            .iter_mut()
+            .map(|session| scope.spawn(move || session.request()))
+            .collect();
+        asking
+            .into_iter()
+            .map(|asked| asked.join().expect("a request thread panicked"))
+            .collect::<Vec<_>>()
+    });
+    let failed: Vec<String> = answers
+        .iter()
+        .enumerate()
+        .filter_map(|(index, answer)| match answer {
+            Ok(backend) if backend == "b-web" => None,
+            Ok(other) => Some(format!("connection {index}: answered by {other}")),
+            Err(error) => Some(format!("connection {index}: {error:#}")),
+        })
+        .collect();
+    ensure!(
+        failed.is_empty(),
+        "{} of {PARALLEL_CONNECTIONS} connections failed: {failed:?}",
+        failed.len()
+    );
+    Ok(())
+}
+
+#[test]
+fn type_changes_open_and_close_node_ports_live() -> Result<()> {
+    if !privileged("type_changes_open_and_close_node_ports_live") {
+        return Ok(());
+    }
+    let cluster = Cluster::new()?;
+    let b_web = cluster.backend(NODE_B, "b-web", 20)?;
+    let write = |exposure: &Exposure| {
+        cluster.manifests.write(
+            "web.yaml",
+            &manifest::documents([pods(&[&b_web], "web"), service("web", "web", exposure)]),
+        )
+    };
+    let cluster_ip_only = Exposure {
+        service_type: "ClusterIP",
+        ..Exposure::default()
+    };
+    write(&cluster_ip_only)?;
+    let agents = cluster.agents()?;
+    let cluster_ip = agents[0].wait_for_service(DEFAULT, "web")?;
+    let client = cluster.lan.client();
+    let node_port = tcp(lan::node_ip(NODE_A), 30084);
+    let ingress = Ipv4Addr::new(203, 0, 113, 30);
+    let load_balancer = tcp(ingress, SERVICE_TCP_PORT);
+    let unanswered = |to: SocketAddrV4| {
+        eventually(
+            CONVERGENCE_TIMEOUT,
+            &format!("{to} unanswered"),
+            || match client.tcp_request(to) {
+                Ok(backend) => bail!("{backend} still answers"),
+                Err(_) => Ok(()),
+            },
+        )
+    };
+    unanswered(node_port)?;
+
+    write(&Exposure {
+        service_type: "NodePort",
+        node_ports: Some((30084, 30057)),
+        ..Exposure::default()
+    })?;
+    ensure!(wait_for_answer(&client, Transport::Tcp, node_port)? == "b-web");
+    unanswered(load_balancer)?;
+
+    write(&Exposure {
+        service_type: "LoadBalancer",
+        node_ports: Some((30084, 30057)),
+        ingress_ips: &[ingress],
+        ..Exposure::default()
+    })?;
+    ensure!(wait_for_answer(&client, Transport::Tcp, load_balancer)? == "b-web");
+    ensure!(wait_for_answer(&client, Transport::Tcp, node_port)? == "b-web");
+
+    write(&cluster_ip_only)?;
+    unanswered(node_port)?;
+    unanswered(load_balancer)?;
+    ensure!(
+        agents[0].wait_for_service(DEFAULT, "web")? == cluster_ip,
+        "the ClusterIP changed with the type"
+    );
+    Ok(())
+}
