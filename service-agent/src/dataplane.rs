@@ -1,7 +1,8 @@
 //! Loading the kernel programs, owning their maps and pins.
 
 use std::{
-    fs,
+    fs, mem,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::{Path, PathBuf},
 };
 
@@ -9,11 +10,12 @@ use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData},
-    programs::SchedClassifier,
+    programs::{CgroupSockAddr, SchedClassifier},
 };
 use service_common::{
     BACKENDS_V4_MAP, BackendV4, CONNTRACK_V4_MAP, ConntrackEntryV4, ConntrackKeyV4, NODE_V4_MAP,
-    NodeV4, PIN_LAYOUT, REV_NAT_V4_MAP, RevNatV4, SERVICES_V4_MAP, ServiceEntry, ServiceKeyV4,
+    NodeV4, PIN_LAYOUT, REV_NAT_V4_MAP, RevNatV4, SERVICES_V4_MAP, SOCKET_REV_NAT_V4_MAP,
+    ServiceEntry, ServiceKeyV4,
 };
 
 use crate::{
@@ -24,17 +26,27 @@ use crate::{
 /// The kernel object, compiled by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/service-ebpf"));
 
-/// The maps pinned (and so kept across agent restarts): services, and the flows through them.
-const PINNED_MAPS: [&str; 4] = [
+/// The maps pinned (and so kept across agent restarts): services, and the flows and sockets
+/// translated to them (a connected UDP socket keeps reporting its service across a restart).
+const PINNED_MAPS: [&str; 5] = [
     SERVICES_V4_MAP,
     BACKENDS_V4_MAP,
     REV_NAT_V4_MAP,
     CONNTRACK_V4_MAP,
+    SOCKET_REV_NAT_V4_MAP,
 ];
 
 /// The TC programs: one at ingress of pod-facing links, one at ingress of external links.
 pub const POD_INGRESS_PROGRAM: &str = "pod_ingress";
 pub const EXTERNAL_INGRESS_PROGRAM: &str = "external_ingress";
+
+/// The cgroup sock_addr programs that translate the node's own sockets (see `socket_hooks`).
+pub const SOCKET_PROGRAMS: [&str; 4] = [
+    "sock_connect4",
+    "sock_sendmsg4",
+    "sock_recvmsg4",
+    "sock_getpeername4",
+];
 
 pub struct Dataplane {
     ebpf: Ebpf,
@@ -75,6 +87,15 @@ impl Dataplane {
                 .load()
                 .with_context(|| format!("the verifier rejected {name}"))?;
         }
+        for name in SOCKET_PROGRAMS {
+            let program: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .with_context(|| format!("the object has no {name} program"))?
+                .try_into()?;
+            program
+                .load()
+                .with_context(|| format!("the verifier rejected {name}"))?;
+        }
         let maps = ServiceMaps::take(&mut ebpf)?;
         Ok(Self {
             ebpf,
@@ -89,6 +110,14 @@ impl Dataplane {
             .program_mut(name)
             .and_then(|program| program.try_into().ok())
             .expect("every TC program is loaded in Dataplane::load")
+    }
+
+    /// One of the [`SOCKET_PROGRAMS`], by name.
+    pub fn socket_program(&mut self, name: &str) -> &mut CgroupSockAddr {
+        self.ebpf
+            .program_mut(name)
+            .and_then(|program| program.try_into().ok())
+            .expect("every socket program is loaded in Dataplane::load")
     }
 
     /// Removes the pins (the maps themselves go when the last program or fd holding them does).
@@ -135,15 +164,19 @@ impl ServiceMaps {
         })
     }
 
-    /// Tells the kernel side which address SNATed flows leave with (0: none).
+    /// Tells the kernel side which address SNATed flows leave with (0: none), and which network
+    /// namespace is the node's: the agent's own.
     pub fn set_node(&mut self, node: &Node) -> Result<()> {
         let snat_address = node
             .ips
             .first()
             .map_or(0, |ip| u32::from_ne_bytes(ip.octets()));
-        self.node
-            .set(0, NodeV4 { snat_address }, 0)
-            .context("writing NODE_V4")
+        let node = NodeV4 {
+            snat_address,
+            netns_cookie: own_netns_cookie()?,
+            ..NodeV4::default()
+        };
+        self.node.set(0, node, 0).context("writing NODE_V4")
     }
 
     pub fn read_contents(&self) -> Result<MapContents> {
@@ -198,4 +231,38 @@ impl ServiceMaps {
             Err(err) => Err(err).context("deleting a conntrack entry"),
         }
     }
+}
+
+/// `SO_NETNS_COOKIE` (Linux 5.14), which the libc crate does not export.
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+/// The cookie of the calling thread's network namespace, as bpf_get_netns_cookie reports it for
+/// sockets of that namespace: read from a throwaway socket.
+fn own_netns_cookie() -> Result<u64> {
+    // SAFETY: socket returns a new descriptor or -1; a valid one is owned by `socket` at once.
+    let socket = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error())
+                .context("opening a socket to read the network namespace cookie");
+        }
+        OwnedFd::from_raw_fd(fd)
+    };
+    let mut cookie = 0u64;
+    let mut len = mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`.
+    let read = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if read != 0 {
+        return Err(std::io::Error::last_os_error())
+            .context("reading the network namespace cookie (SO_NETNS_COOKIE needs Linux 5.14)");
+    }
+    Ok(cookie)
 }

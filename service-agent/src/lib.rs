@@ -6,4 +6,5 @@ pub mod dataplane;
 pub mod interfaces;
 pub mod manifest;
 pub mod model;
+pub mod socket_hooks;
 pub mod sync;

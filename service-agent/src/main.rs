@@ -69,8 +69,10 @@ pub struct RunArgs {
     #[arg(long, default_value_t = DEFAULT_NODE_PORT_RANGE)]
     node_port_range: PortRange,
     /// cgroup v2 directory whose processes get socket-level load balancing (connect, sendmsg,
-    /// recvmsg, getpeername), so that the node's own processes reach ClusterIPs and nodePorts;
-    /// usually the root, /sys/fs/cgroup. Without it, only pod and external traffic is served.
+    /// recvmsg, getpeername), so that the node's own processes reach ClusterIPs and nodePorts:
+    /// usually the cgroup2 root (/sys/fs/cgroup, /sys/fs/cgroup/unified on hybrid systems).
+    /// Only sockets of the agent's network namespace are translated. Without it, only pod and
+    /// external traffic is served.
     #[arg(long)]
     cgroup: Option<PathBuf>,
     /// This node's name, as endpoints' nodeName gives it.

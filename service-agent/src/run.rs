@@ -11,6 +11,7 @@ use service_agent::{
     interfaces::LinkAttachments,
     manifest::{ManifestEvents, ManifestSource},
     model::{DesiredState, Node},
+    socket_hooks::SocketHooks,
     sync::Syncer,
 };
 use tokio::{
@@ -46,7 +47,7 @@ async fn serve(args: RunArgs) -> Result<()> {
         node_port_range = %args.node_port_range,
         node_name = ?args.node_name,
         cgroup = ?args.cgroup,
-        "node settings (used by NodePort and traffic policies)"
+        "node settings"
     );
 
     if !args.external_interfaces.is_empty() && args.node_ips.is_empty() {
@@ -73,6 +74,26 @@ async fn sync_until_signal(
         name: args.node_name.clone(),
     };
     dataplane.maps.set_node(&node)?;
+    // After set_node: the programs serve only sockets of the namespace it records.
+    let socket_hooks = args
+        .cgroup
+        .as_deref()
+        .map(|cgroup| SocketHooks::attach(dataplane, cgroup))
+        .transpose()?;
+    let result = serve_until_signal(args, dataplane, node, terminate, interrupt).await;
+    if let Some(hooks) = socket_hooks {
+        hooks.detach(dataplane);
+    }
+    result
+}
+
+async fn serve_until_signal(
+    args: &RunArgs,
+    dataplane: &mut Dataplane,
+    node: Node,
+    terminate: &mut tokio::signal::unix::Signal,
+    interrupt: &mut tokio::signal::unix::Signal,
+) -> Result<()> {
     let mut syncer = Syncer::new(&dataplane.maps, node)?;
     let mut links = [
         LinkAttachments::new(POD_INGRESS_PROGRAM, args.pod_interfaces.clone()),

@@ -19,11 +19,12 @@ pub const BACKENDS_V4_MAP: &str = "BACKENDS_V4";
 pub const REV_NAT_V4_MAP: &str = "REV_NAT_V4";
 pub const CONNTRACK_V4_MAP: &str = "CONNTRACK_V4";
 pub const NODE_V4_MAP: &str = "NODE_V4";
+pub const SOCKET_REV_NAT_V4_MAP: &str = "SOCKET_REV_NAT_V4";
 
 /// The subdirectory of the agent's pin directory that holds its maps, named after their layout:
 /// aya does not check a reused pin's key or value size, so a layout change moves to a new
 /// directory rather than reuse old maps. Bump it whenever a pinned map's types change.
-pub const PIN_LAYOUT: &str = "v2";
+pub const PIN_LAYOUT: &str = "v3";
 
 /// Capacities: 100,000 service ports with 4 slots on average (slot 0 and 3 backends), as many
 /// distinct backends as a 100,000-pod cluster has, one rev-NAT entry per service port.
@@ -31,12 +32,15 @@ pub const SERVICES_V4_MAX_ENTRIES: u32 = 524_288;
 pub const BACKENDS_V4_MAX_ENTRIES: u32 = 262_144;
 pub const REV_NAT_V4_MAX_ENTRIES: u32 = 131_072;
 pub const CONNTRACK_V4_MAX_ENTRIES: u32 = 262_144;
+/// One entry per socket of the node's own processes that talks to a service (and per backend a
+/// UDP socket sent to): far more than a node's processes keep open at once.
+pub const SOCKET_REV_NAT_V4_MAX_ENTRIES: u32 = 131_072;
 
 /// Key of `SERVICES_V4`: one frontend (virtual IP, port, protocol) and a slot.
 ///
 /// Slot 0 holds the frontend's [`ServiceEntry::count`] and rev-NAT id; slots `1..=count` each hold
 /// one backend id. Picking a backend is then two hash lookups, whatever the number of services
-/// or endpoints (Cilium's lb4_key layout).
+/// or endpoints (Cilium's lb4_key layout, scope included).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServiceKeyV4 {
@@ -44,8 +48,19 @@ pub struct ServiceKeyV4 {
     pub port: u16,
     pub slot: u16,
     pub protocol: u8,
-    pub _pad: [u8; 3],
+    /// [`SCOPE_DEFAULT`] or [`SCOPE_CLUSTER`].
+    pub scope: u8,
+    pub _pad: [u8; 2],
 }
+
+/// The slots every frontend has and the packet programs use. For a frontend with
+/// [`SERVICE_LOCAL`] they hold only this node's endpoints.
+pub const SCOPE_DEFAULT: u8 = 0;
+/// A second set of slots that only [`SERVICE_LOCAL`] frontends have, holding every endpoint:
+/// the node's own processes use it (the socket hooks), because externalTrafficPolicy governs
+/// traffic entering the cluster, not the node's own connections. kube-proxy sends node-local
+/// traffic to such a frontend through its Cluster chain, Cilium through its internal scope.
+pub const SCOPE_CLUSTER: u8 = 1;
 
 /// Value of `SERVICES_V4`. Which fields mean something depends on the key's slot.
 #[repr(C)]
@@ -66,7 +81,7 @@ pub struct ServiceEntry {
 /// node, unless [`SERVICE_LOCAL`] says to keep the client's address.
 pub const SERVICE_EXTERNAL: u16 = 1 << 0;
 /// externalTrafficPolicy Local: the slots hold only this node's endpoints, and the client's
-/// address is kept.
+/// address is kept. Such a frontend also has [`SCOPE_CLUSTER`] slots for the node's own processes.
 pub const SERVICE_LOCAL: u16 = 1 << 1;
 /// `count` is 0 only because every endpoint is on another node (policy Local): new flows are
 /// dropped, as kube-proxy does, instead of refused as for a Service without endpoints.
@@ -146,6 +161,35 @@ pub struct NodeV4 {
     /// The address SNATed flows leave with (the first `--node-ip`); 0 = none configured, and
     /// external traffic that would need SNAT is dropped.
     pub snat_address: u32,
+    pub _pad: u32,
+    /// The cookie of the node's network namespace (the agent's own): the socket hooks serve only
+    /// sockets of this namespace, since a cgroup can hold processes of other namespaces (pods,
+    /// another node's agent) whose addresses mean something else. 0 = not written yet.
+    pub netns_cookie: u64,
+}
+
+/// Key of `SOCKET_REV_NAT_V4` (an LRU hash): a socket of the node's own processes and the backend
+/// the socket hooks sent it to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SocketRevNatKeyV4 {
+    /// bpf_get_socket_cookie: unique per socket for the life of the kernel.
+    pub cookie: u64,
+    pub address: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Value of `SOCKET_REV_NAT_V4`: the frontend the process asked for, which recvmsg and
+/// getpeername report instead of the backend. `rev_nat_id` tells whether that frontend still
+/// exists: an entry whose `REV_NAT_V4[rev_nat_id]` no longer names it is stale.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketRevNatV4 {
+    pub address: u32,
+    pub port: u16,
+    pub _pad: u16,
+    pub rev_nat_id: u32,
 }
 
 // The layouts above must have no implicit padding: size = sum of fields, and the kernel side sees
@@ -158,7 +202,9 @@ const _: () = {
     assert!(size_of::<RevNatV4>() == 8 && align_of::<RevNatV4>() == 4);
     assert!(size_of::<ConntrackKeyV4>() == 16 && align_of::<ConntrackKeyV4>() == 4);
     assert!(size_of::<ConntrackEntryV4>() == 16 && align_of::<ConntrackEntryV4>() == 4);
-    assert!(size_of::<NodeV4>() == 4 && align_of::<NodeV4>() == 4);
+    assert!(size_of::<NodeV4>() == 16 && align_of::<NodeV4>() == 8);
+    assert!(size_of::<SocketRevNatKeyV4>() == 16 && align_of::<SocketRevNatKeyV4>() == 8);
+    assert!(size_of::<SocketRevNatV4>() == 12 && align_of::<SocketRevNatV4>() == 4);
 };
 
 #[cfg(feature = "user")]
@@ -173,4 +219,6 @@ mod pod {
     unsafe impl aya::Pod for ConntrackKeyV4 {}
     unsafe impl aya::Pod for ConntrackEntryV4 {}
     unsafe impl aya::Pod for NodeV4 {}
+    unsafe impl aya::Pod for SocketRevNatKeyV4 {}
+    unsafe impl aya::Pod for SocketRevNatV4 {}
 }

@@ -11,18 +11,29 @@
 //! frontend also gets the node's address as source (SNAT), so that the reply returns through this
 //! node. Everything else passes untouched and the kernel routes the rewritten packet. Every step
 //! is a hash lookup: nothing loops over services or endpoints.
+//!
+//! The node's own processes never cross a pod link: `sock_connect4`, `sock_sendmsg4`,
+//! `sock_recvmsg4` and `sock_getpeername4`, attached to a cgroup, translate their sockets'
+//! addresses instead ([`socket`]). What they send is already addressed to a backend, which the
+//! TC programs pass untouched.
 #![no_std]
 #![no_main]
 
+mod backend;
 mod maps;
 mod nat;
 mod packet;
 mod reject;
 mod reply;
 mod service;
+mod socket;
 
-use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
-use service_common::ServiceKeyV4;
+use aya_ebpf::{
+    bindings::TC_ACT_OK,
+    macros::{cgroup_sock_addr, classifier},
+    programs::{SockAddrContext, TcContext},
+};
+use service_common::{SCOPE_DEFAULT, ServiceKeyV4};
 
 use crate::maps::SERVICES_V4;
 
@@ -55,13 +66,34 @@ fn serve(ctx: &TcContext, origin: Origin) -> i32 {
         port: flow.dst_port,
         slot: 0,
         protocol: flow.protocol,
-        _pad: [0; 3],
+        scope: SCOPE_DEFAULT,
+        _pad: [0; 2],
     };
     // SAFETY: map values are plain data; a concurrent update can at worst give a stale value.
     if let Some(service) = unsafe { SERVICES_V4.get(frontend) } {
         return service::to_frontend(ctx, &flow, origin, frontend, *service);
     }
     reply::from_backend(ctx, &flow)
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
+    socket::to_frontend(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    socket::to_frontend(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    socket::from_backend(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    socket::from_backend(&ctx)
 }
 
 #[cfg(not(test))]

@@ -6,7 +6,8 @@ use aya_ebpf::{
 };
 use service_common::{
     BACKENDS_V4_MAX_ENTRIES, BackendV4, CONNTRACK_V4_MAX_ENTRIES, ConntrackEntryV4, ConntrackKeyV4,
-    NodeV4, REV_NAT_V4_MAX_ENTRIES, RevNatV4, SERVICES_V4_MAX_ENTRIES, ServiceEntry, ServiceKeyV4,
+    NodeV4, REV_NAT_V4_MAX_ENTRIES, RevNatV4, SERVICES_V4_MAX_ENTRIES,
+    SOCKET_REV_NAT_V4_MAX_ENTRIES, ServiceEntry, ServiceKeyV4, SocketRevNatKeyV4, SocketRevNatV4,
 };
 
 /// Service maps are sized for 100,000 services but allocate entries as the agent writes them
@@ -34,3 +35,9 @@ pub static CONNTRACK_V4: LruHashMap<ConntrackKeyV4, ConntrackEntryV4> =
 /// One entry, written by the agent at start.
 #[map]
 pub static NODE_V4: Array<NodeV4> = Array::with_max_entries(1, 0);
+
+/// LRU: a socket may have one entry per backend it sent to, which nothing can enumerate when the
+/// socket closes, so the entries of closed sockets age out instead.
+#[map]
+pub static SOCKET_REV_NAT_V4: LruHashMap<SocketRevNatKeyV4, SocketRevNatV4> =
+    LruHashMap::with_max_entries(SOCKET_REV_NAT_V4_MAX_ENTRIES, 0);

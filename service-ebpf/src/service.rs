@@ -13,8 +13,8 @@ use service_common::{
 };
 
 use crate::{
-    Origin,
-    maps::{BACKENDS_V4, CONNTRACK_V4, NODE_V4, SERVICES_V4},
+    Origin, backend,
+    maps::{BACKENDS_V4, CONNTRACK_V4, NODE_V4},
     nat::{self, End},
     packet::Ipv4Flow,
     reject,
@@ -93,16 +93,8 @@ fn new_flow(
         };
     }
     let random = unsafe { bpf_get_prandom_u32() };
-    let slot_key = ServiceKeyV4 {
-        slot: (random % u32::from(service.count)) as u16 + 1,
-        ..*frontend
-    };
     // A slot caught mid-update: drop, the client retransmits.
-    let Some(slot) = (unsafe { SERVICES_V4.get(slot_key) }) else {
-        return NewFlow::Drop;
-    };
-    let backend_id = slot.backend_id;
-    let Some(backend) = (unsafe { BACKENDS_V4.get(backend_id) }).copied() else {
+    let Some((backend_id, backend)) = backend::choose(frontend, service.count, random) else {
         return NewFlow::Drop;
     };
     let mut forward = ConntrackEntryV4 {

@@ -7,8 +7,8 @@ use std::{
 };
 
 use service_common::{
-    BackendV4, RevNatV4, SERVICE_EXTERNAL, SERVICE_LOCAL, SERVICE_REMOTE_ENDPOINTS_ONLY,
-    ServiceEntry, ServiceKeyV4,
+    BackendV4, RevNatV4, SCOPE_CLUSTER, SCOPE_DEFAULT, SERVICE_EXTERNAL, SERVICE_LOCAL,
+    SERVICE_REMOTE_ENDPOINTS_ONLY, ServiceEntry, ServiceKeyV4,
 };
 
 use crate::model::{DesiredState, Endpoint, Node, Protocol, TrafficPolicy};
@@ -86,7 +86,8 @@ fn frontend_key(address: Ipv4Addr, port: u16, protocol: Protocol) -> ServiceKeyV
         port: port.to_be(),
         slot: 0,
         protocol: protocol.number(),
-        _pad: [0; 3],
+        scope: SCOPE_DEFAULT,
+        _pad: [0; 2],
     }
 }
 
@@ -118,7 +119,9 @@ fn serving_endpoints(endpoints: &[Endpoint]) -> Vec<&Endpoint> {
 ///
 /// Each service port becomes several frontends, all plain `SERVICES_V4` entries so that the
 /// packet path's lookup is the same for every kind: the ClusterIP; for a nodePort, every node IP
-/// and 127.0.0.1 (reached through the socket hooks); every external and load-balancer IP.
+/// and 127.0.0.1 (reached through the socket hooks); every external and load-balancer IP. A
+/// frontend with the Local policy also gets [`SCOPE_CLUSTER`] slots with every endpoint, for
+/// the node's own processes.
 pub fn desired_contents(
     desired: &DesiredState,
     node: &Node,
@@ -164,12 +167,24 @@ pub fn desired_contents(
                 .chain(&service.load_balancer_ips)
                 .map(|ip| (*ip, port.port));
             for (address, port_number) in node_port_addresses.chain(external_addresses) {
-                planner.frontend(
-                    frontend_key(address, port_number, port.protocol),
-                    external_flags,
-                    &external_endpoints,
-                    port.protocol,
-                );
+                let frontend = frontend_key(address, port_number, port.protocol);
+                let claimed =
+                    planner.frontend(frontend, external_flags, &external_endpoints, port.protocol);
+                if let Some(rev_nat_id) = claimed
+                    && local
+                {
+                    let cluster = ServiceKeyV4 {
+                        scope: SCOPE_CLUSTER,
+                        ..frontend
+                    };
+                    planner.slots(
+                        cluster,
+                        SERVICE_EXTERNAL,
+                        rev_nat_id,
+                        &endpoints,
+                        port.protocol,
+                    );
+                }
             }
         }
     }
@@ -186,17 +201,18 @@ struct Planner<'a> {
 }
 
 impl Planner<'_> {
-    /// Programs one frontend with its slots. A frontend claimed earlier in the pass (two Services
-    /// listing the same external IP and port) keeps its first owner: the maps can hold only one.
+    /// Programs one frontend with its slots and returns its rev-NAT id. A frontend claimed
+    /// earlier in the pass (two Services listing the same external IP and port) keeps its first
+    /// owner, since the maps can hold only one: None then.
     fn frontend(
         &mut self,
         frontend: ServiceKeyV4,
         flags: u16,
         endpoints: &[&Endpoint],
         protocol: Protocol,
-    ) {
+    ) -> Option<u32> {
         if self.contents.services.contains_key(&frontend) {
-            return;
+            return None;
         }
         let rev_nat = RevNatV4 {
             address: frontend.address,
@@ -215,7 +231,20 @@ impl Planner<'_> {
                 id
             });
         self.contents.rev_nat.insert(rev_nat_id, rev_nat);
+        self.slots(frontend, flags, rev_nat_id, endpoints, protocol);
+        Some(rev_nat_id)
+    }
 
+    /// Programs the slots of `frontend` (a slot-0 key, of either scope) and the slot-0 entry
+    /// that counts them.
+    fn slots(
+        &mut self,
+        frontend: ServiceKeyV4,
+        flags: u16,
+        rev_nat_id: u32,
+        endpoints: &[&Endpoint],
+        protocol: Protocol,
+    ) {
         let wanted: Vec<u32> = endpoints
             .iter()
             .map(|e| self.backend_id(backend_value(e, protocol)))
@@ -554,6 +583,60 @@ mod tests {
         );
         let addresses: Vec<u32> = next.backends.values().map(|b| b.address).collect();
         assert_eq!(addresses, [u32::from_ne_bytes([10, 244, 0, 2])]);
+    }
+
+    #[test]
+    fn local_policy_frontends_also_get_cluster_scope_slots_with_every_endpoint() {
+        let mut local = endpoint(2, true);
+        local.node_name = Some("node-a".into());
+        let mut remote = endpoint(3, true);
+        remote.node_name = Some("node-b".into());
+        let mut desired = state(&[("web", [10, 96, 0, 10], vec![local, remote])]);
+        let service = desired.services.values_mut().next().unwrap();
+        service.service_type = ServiceType::NodePort;
+        service.external_traffic_policy = TrafficPolicy::Local;
+        service.ports[0].node_port = Some(30080);
+        let node = Node {
+            ips: vec![Ipv4Addr::new(192, 168, 100, 1)],
+            name: Some("node-a".into()),
+        };
+        let mut ids = IdAllocator::after(&MapContents::default());
+        let next = desired_contents(&desired, &node, &MapContents::default(), &mut ids);
+
+        let node_port = frontend_key(Ipv4Addr::new(192, 168, 100, 1), 30080, Protocol::Tcp);
+        let cluster = ServiceKeyV4 {
+            scope: SCOPE_CLUSTER,
+            ..node_port
+        };
+        let (default_meta, cluster_meta) = (next.services[&node_port], next.services[&cluster]);
+        assert_eq!(
+            default_meta.count, 1,
+            "policy Local: only the local endpoint"
+        );
+        assert_eq!(default_meta.flags, SERVICE_EXTERNAL | SERVICE_LOCAL);
+        assert_eq!(
+            cluster_meta.count, 2,
+            "the node's own processes: every endpoint"
+        );
+        assert_eq!(cluster_meta.flags, SERVICE_EXTERNAL);
+        assert_eq!(cluster_meta.rev_nat_id, default_meta.rev_nat_id);
+        // The ClusterIP frontend has no second scope: its slots already hold every endpoint.
+        let cluster_ip = frontend_key(Ipv4Addr::new(10, 96, 0, 10), 80, Protocol::Tcp);
+        assert_eq!(next.services[&cluster_ip].count, 2);
+        let scoped: Vec<_> = next
+            .services
+            .keys()
+            .filter(|key| key.scope == SCOPE_CLUSTER && key.slot == 0)
+            .map(|key| (key.address, key.port))
+            .collect();
+        assert_eq!(
+            scoped,
+            [
+                // 127.0.0.1 and the node IP, both at the nodePort.
+                (u32::from_ne_bytes([127, 0, 0, 1]), 30080u16.to_be()),
+                (u32::from_ne_bytes([192, 168, 100, 1]), 30080u16.to_be()),
+            ]
+        );
     }
 
     #[test]
