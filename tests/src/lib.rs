@@ -3,15 +3,18 @@
 //! traffic from client pods, so that the integration tests and the demo exercise the agent exactly
 //! as a kubelet-managed node would, without touching the host's own network namespace.
 //!
-//! Everything a [`topology::Topology`] creates (namespaces, scratch directory) and everything an
-//! [`agent::Agent`] creates (process, pin directory) is named after one [`unique::RunId`] and
-//! removed by `Drop`, on success, on error and on panic alike.
+//! Everything a [`topology::Topology`] creates (namespaces, scratch directory), everything an
+//! [`agent::Agent`] creates (process, pin directory) and the cgroups of node processes
+//! ([`cgroup::TestCgroup`]) are named after one [`unique::RunId`] and removed by `Drop`, on
+//! success, on error and on panic alike.
 
 pub mod agent;
+pub mod cgroup;
 pub mod client;
 pub mod lan;
 pub mod manifest;
 pub mod netns;
+pub mod node_client;
 pub mod poll;
 pub mod process;
 pub mod servers;

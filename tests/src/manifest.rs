@@ -90,6 +90,76 @@ spec:
     )
 }
 
+/// The fields of a Service beyond its selector and ports.
+#[derive(Default)]
+pub struct Exposure<'a> {
+    pub service_type: &'a str,
+    /// Explicit nodePorts for the TCP and UDP ports; allocated when absent.
+    pub node_ports: Option<(u16, u16)>,
+    /// externalTrafficPolicy Local (else Cluster).
+    pub local_policy: bool,
+    pub external_ips: &'a [Ipv4Addr],
+    /// `status.loadBalancer.ingress[].ip`.
+    pub ingress_ips: &'a [Ipv4Addr],
+}
+
+/// A Service selecting `app: <app>` with the TCP and UDP ports of [`service`], exposed as
+/// `exposure` says.
+pub fn exposed_service(namespace: &str, name: &str, app: &str, exposure: &Exposure) -> String {
+    let (tcp_port, udp_port, udp_target) = (SERVICE_TCP_PORT, SERVICE_UDP_PORT, servers::UDP_PORT);
+    let service_type = exposure.service_type;
+    let (tcp_node_port, udp_node_port) = exposure.node_ports.map_or_else(
+        || (String::new(), String::new()),
+        |(tcp, udp)| {
+            (
+                format!("    nodePort: {tcp}\n"),
+                format!("    nodePort: {udp}\n"),
+            )
+        },
+    );
+    let policy = if exposure.local_policy {
+        "  externalTrafficPolicy: Local\n"
+    } else {
+        ""
+    };
+    let list = |ips: &[Ipv4Addr], item: &str| -> String {
+        ips.iter().map(|ip| format!("{item}{ip}\n")).collect()
+    };
+    let external_ips = match exposure.external_ips {
+        [] => String::new(),
+        ips => format!("  externalIPs:\n{}", list(ips, "  - ")),
+    };
+    let status = match exposure.ingress_ips {
+        [] => String::new(),
+        ips => format!(
+            "status:\n  loadBalancer:\n    ingress:\n{}",
+            list(ips, "    - ip: ")
+        ),
+    };
+    format!(
+        "\
+apiVersion: v1
+kind: Service
+metadata:
+  name: {name}
+  namespace: {namespace}
+spec:
+  type: {service_type}
+{policy}{external_ips}  selector:
+    app: {app}
+  ports:
+  - name: http
+    protocol: TCP
+    port: {tcp_port}
+    targetPort: http
+{tcp_node_port}  - name: udp
+    protocol: UDP
+    port: {udp_port}
+    targetPort: {udp_target}
+{udp_node_port}{status}"
+    )
+}
+
 /// Several objects in one file, as `kubectl apply -f` reads them.
 pub fn documents(objects: impl IntoIterator<Item = String>) -> String {
     objects.into_iter().collect::<Vec<_>>().join("---\n")

@@ -1,6 +1,7 @@
 //! Names of everything one topology creates on the machine: network namespaces, its scratch
-//! directory and the agent's BPF pin directory all carry the same `<pid>-<counter>` id, so that
-//! parallel tests never collide and leftovers of a killed test run can be recognised and removed.
+//! directory, the agent's BPF pin directory and the cgroups of node processes all carry the same
+//! `<pid>-<counter>` id, so that parallel tests never collide and leftovers of a killed test run
+//! can be recognised and removed.
 
 use std::{
     fmt, fs,
@@ -11,12 +12,12 @@ use std::{
     },
 };
 
-use crate::netns;
+use crate::{cgroup, netns};
 
 /// Where the agent's pin directories go: on the BPF filesystem, as in production.
 pub const BPFFS: &str = "/sys/fs/bpf";
 
-/// Prefix of network namespace and scratch directory names (`sdp-<pid>-<counter>-...`).
+/// Prefix of network namespace, scratch directory and cgroup names (`sdp-<pid>-<counter>-...`).
 const PREFIX: &str = "sdp-";
 /// Prefix of pin directory names (`sdp-test-<pid>-<counter>`).
 const PIN_PREFIX: &str = "sdp-test-";
@@ -51,6 +52,11 @@ impl RunId {
         std::env::temp_dir().join(format!("{PREFIX}{self}"))
     }
 
+    /// Name of a cgroup of this run, under the cgroup v2 root; `role` is unique within the run.
+    pub fn cgroup_name(&self, role: &str) -> String {
+        format!("{PREFIX}{self}-{role}")
+    }
+
     pub fn pin_dir(&self) -> PathBuf {
         Path::new(BPFFS).join(format!("{PIN_PREFIX}{self}"))
     }
@@ -79,6 +85,14 @@ fn remove_leftovers_of_dead_runs() {
             let path = parent.join(name);
             if let Err(error) = fs::remove_dir_all(&path) {
                 eprintln!("warning: leftover {}: {error}", path.display());
+            }
+        }
+    }
+    // Cgroups are removed with rmdir once their processes are gone, not file by file.
+    if let Ok(root) = cgroup::root() {
+        for name in names_of_dead_runs(&root, PREFIX) {
+            if let Err(error) = cgroup::remove(&root.join(name)) {
+                eprintln!("warning: leftover cgroup: {error:#}");
             }
         }
     }
@@ -116,6 +130,10 @@ mod tests {
         assert_eq!(
             a.netns_name("node"),
             format!("sdp-{pid}-{}-node", a.counter)
+        );
+        assert_eq!(
+            a.cgroup_name("clients"),
+            format!("sdp-{pid}-{}-clients", a.counter)
         );
         assert_eq!(
             a.pin_dir(),

@@ -15,7 +15,7 @@ use integration_tests::{
     agent::Agent,
     client::Transport,
     lan::{self, CLIENT_IP, EXTERNAL_INTERFACE, Lan},
-    manifest::{self, ManifestDir, SERVICE_TCP_PORT, SERVICE_UDP_PORT},
+    manifest::{self, Exposure, ManifestDir, SERVICE_TCP_PORT, SERVICE_UDP_PORT},
     poll::{CONVERGENCE_TIMEOUT, eventually},
     privileged, servers,
     topology::Pod,
@@ -72,73 +72,6 @@ impl Cluster {
             })
             .collect()
     }
-}
-
-/// The fields of a Service beyond its selector and ports.
-#[derive(Default)]
-struct Exposure<'a> {
-    service_type: &'a str,
-    /// Explicit nodePorts for the TCP and UDP ports; allocated when absent.
-    node_ports: Option<(u16, u16)>,
-    local_policy: bool,
-    external_ips: &'a [Ipv4Addr],
-    ingress_ips: &'a [Ipv4Addr],
-}
-
-/// A Service selecting `app: <app>` with the TCP and UDP ports of [`manifest::service`].
-fn service(name: &str, app: &str, exposure: &Exposure) -> String {
-    let (tcp_port, udp_port, udp_target) = (SERVICE_TCP_PORT, SERVICE_UDP_PORT, servers::UDP_PORT);
-    let service_type = exposure.service_type;
-    let (tcp_node_port, udp_node_port) = exposure.node_ports.map_or_else(
-        || (String::new(), String::new()),
-        |(tcp, udp)| {
-            (
-                format!("    nodePort: {tcp}\n"),
-                format!("    nodePort: {udp}\n"),
-            )
-        },
-    );
-    let policy = if exposure.local_policy {
-        "  externalTrafficPolicy: Local\n"
-    } else {
-        ""
-    };
-    let list = |ips: &[Ipv4Addr], item: &str| -> String {
-        ips.iter().map(|ip| format!("{item}{ip}\n")).collect()
-    };
-    let external_ips = match exposure.external_ips {
-        [] => String::new(),
-        ips => format!("  externalIPs:\n{}", list(ips, "  - ")),
-    };
-    let status = match exposure.ingress_ips {
-        [] => String::new(),
-        ips => format!(
-            "status:\n  loadBalancer:\n    ingress:\n{}",
-            list(ips, "    - ip: ")
-        ),
-    };
-    format!(
-        "\
-apiVersion: v1
-kind: Service
-metadata:
-  name: {name}
-  namespace: {DEFAULT}
-spec:
-  type: {service_type}
-{policy}{external_ips}  selector:
-    app: {app}
-  ports:
-  - name: http
-    protocol: TCP
-    port: {tcp_port}
-    targetPort: http
-{tcp_node_port}  - name: udp
-    protocol: UDP
-    port: {udp_port}
-    targetPort: {udp_target}
-{udp_node_port}{status}"
-    )
 }
 
 fn pods(pods: &[&Pod], app: &str) -> String {
@@ -231,7 +164,10 @@ fn nodeport_reaches_a_backend_on_the_other_node_and_replies_return_through_the_f
     };
     cluster.manifests.write(
         "web.yaml",
-        &manifest::documents([pods(&[&b_web], "web"), service("web", "web", &exposure)]),
+        &manifest::documents([
+            pods(&[&b_web], "web"),
+            manifest::exposed_service(DEFAULT, "web", "web", &exposure),
+        ]),
     )?;
     let agents = cluster.agents()?;
     let cluster_ip = agents[0].wait_for_service(DEFAULT, "web")?;
@@ -275,7 +211,10 @@ fn local_policy_serves_only_where_an_endpoint_runs_and_keeps_the_client_address(
     };
     cluster.manifests.write(
         "web.yaml",
-        &manifest::documents([pods(&[&b_web], "web"), service("web", "web", &exposure)]),
+        &manifest::documents([
+            pods(&[&b_web], "web"),
+            manifest::exposed_service(DEFAULT, "web", "web", &exposure),
+        ]),
     )?;
     let _agents = cluster.agents()?;
     let client = cluster.lan.client();
@@ -327,7 +266,7 @@ fn load_balancer_ingress_and_external_ips_reach_backends_on_both_nodes() -> Resu
         "web.yaml",
         &manifest::documents([
             pods(&[&a_web, &b_web], "web"),
-            service("web", "web", &exposure),
+            manifest::exposed_service(DEFAULT, "web", "web", &exposure),
         ]),
     )?;
     let agents = cluster.agents()?;
@@ -367,9 +306,10 @@ fn services_without_endpoints_refuse_connections_at_once() -> Result<()> {
         ..Exposure::default()
     };
     // The selector matches no pod.
-    cluster
-        .manifests
-        .write("empty.yaml", &service("empty", "nothing", &exposure))?;
+    cluster.manifests.write(
+        "empty.yaml",
+        &manifest::exposed_service(DEFAULT, "empty", "nothing", &exposure),
+    )?;
     let agents = cluster.agents()?;
     let cluster_ip = agents[0].wait_for_service(DEFAULT, "empty")?;
     agents[1].wait_for_service(DEFAULT, "empty")?;
@@ -406,7 +346,10 @@ fn a_pod_reaching_its_own_service_gets_its_replies() -> Result<()> {
     };
     cluster.manifests.write(
         "web.yaml",
-        &manifest::documents([pods(&[&a_web], "web"), service("web", "web", &exposure)]),
+        &manifest::documents([
+            pods(&[&a_web], "web"),
+            manifest::exposed_service(DEFAULT, "web", "web", &exposure),
+        ]),
     )?;
     let agents = cluster.agents()?;
     let cluster_ip = agents[0].wait_for_service(DEFAULT, "web")?;
@@ -439,7 +382,10 @@ fn parallel_clients_through_one_nodeport_each_get_their_own_translation() -> Res
     };
     cluster.manifests.write(
         "web.yaml",
-        &manifest::documents([pods(&[&b_web], "web"), service("web", "web", &exposure)]),
+        &manifest::documents([
+            pods(&[&b_web], "web"),
+            manifest::exposed_service(DEFAULT, "web", "web", &exposure),
+        ]),
     )?;
     let _agents = cluster.agents()?;
     let client = cluster.lan.client();
@@ -491,7 +437,10 @@ fn type_changes_open_and_close_node_ports_live() -> Result<()> {
     let write = |exposure: &Exposure| {
         cluster.manifests.write(
             "web.yaml",
-            &manifest::documents([pods(&[&b_web], "web"), service("web", "web", exposure)]),
+            &manifest::documents([
+                pods(&[&b_web], "web"),
+                manifest::exposed_service(DEFAULT, "web", "web", exposure),
+            ]),
         )
     };
     let cluster_ip_only = Exposure {
