@@ -1,11 +1,13 @@
 //! Kernel side of the Service dataplane.
 //!
 //! `pod_ingress` runs at TC ingress of every pod-facing host link, `external_ingress` at TC
-//! ingress of the links that face outside the cluster. Both do the same two things:
+//! ingress of the links that face outside the cluster. Both do the same things:
 //! - a packet to a service frontend (a ClusterIP, a node IP's nodePort, a load-balancer or
 //!   external IP, with port and protocol) is DNATed to a backend, and the flow is recorded in
 //!   conntrack in both directions ([`service`]);
-//! - a backend's reply to such a flow is translated back to come from the frontend ([`reply`]).
+//! - a backend's reply to such a flow is translated back to come from the frontend ([`reply`]);
+//! - an ICMP error about such a flow, in either direction, is translated to match what its
+//!   receiver sent ([`icmp_error`]).
 //!
 //! They differ in one decision: traffic that entered from outside and is not for a Local-policy
 //! frontend also gets the node's address as source (SNAT), so that the reply returns through this
@@ -20,6 +22,7 @@
 #![no_main]
 
 mod backend;
+mod icmp_error;
 mod maps;
 mod nat;
 mod packet;
@@ -29,7 +32,6 @@ mod service;
 mod socket;
 
 use aya_ebpf::{
-    bindings::TC_ACT_OK,
     macros::{cgroup_sock_addr, classifier},
     programs::{SockAddrContext, TcContext},
 };
@@ -59,7 +61,8 @@ pub fn external_ingress(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn serve(ctx: &TcContext, origin: Origin) -> i32 {
     let Some(flow) = packet::parse(ctx) else {
-        return TC_ACT_OK;
+        // Not TCP or UDP the NAT can handle; an ICMP error may still be about a translated flow.
+        return icmp_error::translate(ctx);
     };
     let frontend = ServiceKeyV4 {
         address: flow.dst_address,

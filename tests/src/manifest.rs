@@ -101,12 +101,15 @@ pub struct Exposure<'a> {
     pub external_ips: &'a [Ipv4Addr],
     /// `status.loadBalancer.ingress[].ip`.
     pub ingress_ips: &'a [Ipv4Addr],
+    /// The UDP port's targetPort, when not [`servers::UDP_PORT`] (e.g. a port nothing listens on).
+    pub udp_target_port: Option<u16>,
 }
 
 /// A Service selecting `app: <app>` with the TCP and UDP ports of [`service`], exposed as
 /// `exposure` says.
 pub fn exposed_service(namespace: &str, name: &str, app: &str, exposure: &Exposure) -> String {
-    let (tcp_port, udp_port, udp_target) = (SERVICE_TCP_PORT, SERVICE_UDP_PORT, servers::UDP_PORT);
+    let (tcp_port, udp_port) = (SERVICE_TCP_PORT, SERVICE_UDP_PORT);
+    let udp_target = exposure.udp_target_port.unwrap_or(servers::UDP_PORT);
     let service_type = exposure.service_type;
     let (tcp_node_port, udp_node_port) = exposure.node_ports.map_or_else(
         || (String::new(), String::new()),

@@ -333,6 +333,52 @@ fn services_without_endpoints_refuse_connections_at_once() -> Result<()> {
     Ok(())
 }
 
+// A backend's ICMP errors reach the external client through the node that translated the flow:
+// here the UDP targetPort is a port nothing listens on, so the backend's kernel answers with a
+// port unreachable about the datagram as node A sent it (node A's address and SNAT port, to the
+// backend). Translated back, it makes the client's connected socket fail at once; untranslated,
+// node A would swallow it and the client would only time out.
+#[test]
+fn a_backends_port_unreachable_reaches_the_external_client() -> Result<()> {
+    if !privileged("a_backends_port_unreachable_reaches_the_external_client") {
+        return Ok(());
+    }
+    let cluster = Cluster::new()?;
+    let b_web = cluster.backend(NODE_B, "b-web", 20)?;
+    let exposure = Exposure {
+        service_type: "NodePort",
+        node_ports: Some((30083, 30056)),
+        udp_target_port: Some(9999),
+        ..Exposure::default()
+    };
+    cluster.manifests.write(
+        "closed.yaml",
+        &manifest::documents([
+            pods(&[&b_web], "closed"),
+            manifest::exposed_service(DEFAULT, "closed", "closed", &exposure),
+        ]),
+    )?;
+    let _agents = cluster.agents()?;
+    let client = cluster.lan.client();
+    // The TCP port reaches the backend once node A has programmed the service, UDP port included.
+    ensure!(wait_for_answer(&client, Transport::Tcp, tcp(lan::node_ip(NODE_A), 30083))? == "b-web");
+
+    let udp = SocketAddrV4::new(lan::node_ip(NODE_A), 30056);
+    let start = Instant::now();
+    match client.udp_request(udp) {
+        Ok(answer) => bail!("UDP {udp} was answered: {answer}"),
+        Err(error) => {
+            let refused = error
+                .chain()
+                .filter_map(|cause| cause.downcast_ref::<std::io::Error>())
+                .any(|io| io.kind() == ErrorKind::ConnectionRefused);
+            ensure!(refused, "UDP {udp} failed without being refused: {error:#}");
+        }
+    }
+    ensure!(start.elapsed() < REFUSAL_DEADLINE, "UDP {udp} refused late");
+    Ok(())
+}
+
 #[test]
 fn a_pod_reaching_its_own_service_gets_its_replies() -> Result<()> {
     if !privileged("a_pod_reaching_its_own_service_gets_its_replies") {

@@ -9,8 +9,8 @@ use std::{collections::BTreeSet, net::Ipv4Addr, ops::RangeInclusive, time::Syste
 
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use packets::{
-    Packet, TCP, UDP, assert_checksums_valid, assert_icmp_checksums_valid, flow_of,
-    icmp_port_unreachable,
+    Icmp, Packet, TCP, UDP, assert_checksums_valid, assert_icmp_checksums_valid,
+    assert_icmp_error_checksums_valid, flow_of, icmp_frame, icmp_port_unreachable,
 };
 use service_agent::{
     dataplane::{Dataplane, EXTERNAL_INGRESS_PROGRAM, POD_INGRESS_PROGRAM},
@@ -730,4 +730,165 @@ fn external_traffic_that_needs_snat_is_dropped_without_a_node_address() {
         EXTERNAL,
         &Packet::new(TCP, EXTERNAL_CLIENT, (LOAD_BALANCER_IP, 80)),
     );
+}
+
+// --- ICMP errors about translated flows ----------------------------------------------------------
+
+/// The IPv4 packet inside `packet`'s frame, as an ICMP error quotes it (all of it).
+fn quote(packet: &Packet) -> Vec<u8> {
+    packet.bytes()[14..].to_vec()
+}
+
+impl Fixture {
+    /// Asserts that `program` turns the ICMP error `input` into exactly `expected`, with every
+    /// checksum valid, the quoted ones included.
+    fn assert_icmp_error_translated(&mut self, program: &str, input: &[u8], expected: &[u8]) {
+        let (verdict, out) = self.run_on(program, input);
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!(
+            out, expected,
+            "the ICMP error is not translated as expected"
+        );
+        assert_icmp_error_checksums_valid(&out);
+    }
+}
+
+// A backend's port unreachable (or a router's time exceeded) about a pod's UDP flow to a
+// ClusterIP quotes the datagram as the backend got it. The client's kernel only finds its socket
+// if the quote shows the VIP it wrote to, and the error comes from the VIP (nf_nat's rule: the
+// outer header looks like the reply to the translated packet).
+#[test]
+fn an_icmp_error_from_a_backend_is_made_to_quote_the_clusterip() {
+    let Some(mut fx) = Fixture::new(&[2]) else {
+        return;
+    };
+    let request = Packet::new(UDP, CLIENT, DNS_FRONTEND);
+    assert_eq!(fx.backend_of(&request), backend(2));
+    for icmp in [Icmp::PORT_UNREACHABLE, Icmp::TTL_EXCEEDED] {
+        let error = icmp_frame(
+            backend(2).0,
+            CLIENT.0,
+            icmp,
+            &quote(&request.with_dst(backend(2))),
+        );
+        let expected = icmp_frame(VIP, CLIENT.0, icmp, &quote(&request));
+        fx.assert_icmp_error_translated(POD, &error, &expected);
+    }
+}
+
+// Path MTU discovery through a NodePort: the backend's frag-needed about a SNATed flow quotes the
+// node's address and SNAT port. It must reach the external client from the nodePort it wrote to,
+// quoting its own address and port, with the MTU kept. The quoted TCP checksum is updated when the
+// whole TCP header is quoted, and left alone when only the 8 bytes RFC 792 requires are.
+#[test]
+fn a_frag_needed_about_a_node_port_flow_reaches_the_external_client() {
+    let Some(mut fx) = Fixture::serving(
+        node_a(),
+        [node_port_service(TrafficPolicy::Cluster, &endpoints(&[2]))],
+    ) else {
+        return;
+    };
+    let request = Packet::new(TCP, EXTERNAL_CLIENT, NODE_PORT_FRONTEND);
+    let (chosen, snat_port) = fx.backend_and_snat_port_of(EXTERNAL, &request);
+    let sent = request.with_src((NODE_IP, snat_port)).with_dst(chosen);
+    let frag_needed = Icmp::fragmentation_needed(1400);
+    for quote_len in [20 + 20, 20 + 8] {
+        let error = icmp_frame(chosen.0, NODE_IP, frag_needed, &quote(&sent)[..quote_len]);
+        let expected = icmp_frame(
+            NODE_IP,
+            EXTERNAL_CLIENT.0,
+            frag_needed,
+            &quote(&request)[..quote_len],
+        );
+        fx.assert_icmp_error_translated(EXTERNAL, &error, &expected);
+    }
+}
+
+// The other direction: the client's own ICMP error about the frontend's reply (here its port
+// unreachable) must reach the backend quoting the backend's datagram as it was sent, through the
+// node's SNAT for a NodePort flow.
+#[test]
+fn an_icmp_error_from_the_client_reaches_the_backend() {
+    let Some(mut fx) = Fixture::new(&[2]) else {
+        return;
+    };
+    let request = Packet::new(UDP, CLIENT, DNS_FRONTEND);
+    assert_eq!(fx.backend_of(&request), backend(2));
+    let error = icmp_frame(
+        CLIENT.0,
+        VIP,
+        Icmp::PORT_UNREACHABLE,
+        &quote(&Packet::new(UDP, DNS_FRONTEND, CLIENT)),
+    );
+    let expected = icmp_frame(
+        CLIENT.0,
+        backend(2).0,
+        Icmp::PORT_UNREACHABLE,
+        &quote(&Packet::new(UDP, backend(2), CLIENT)),
+    );
+    fx.assert_icmp_error_translated(POD, &error, &expected);
+
+    let Some(mut fx) = Fixture::serving(
+        node_a(),
+        [node_port_service(TrafficPolicy::Cluster, &endpoints(&[2]))],
+    ) else {
+        return;
+    };
+    let request = Packet::new(TCP, EXTERNAL_CLIENT, NODE_PORT_FRONTEND);
+    let (chosen, snat_port) = fx.backend_and_snat_port_of(EXTERNAL, &request);
+    let error = icmp_frame(
+        EXTERNAL_CLIENT.0,
+        NODE_IP,
+        Icmp::PORT_UNREACHABLE,
+        &quote(&Packet::new(TCP, NODE_PORT_FRONTEND, EXTERNAL_CLIENT)),
+    );
+    let expected = icmp_frame(
+        NODE_IP,
+        chosen.0,
+        Icmp::PORT_UNREACHABLE,
+        &quote(&Packet::new(TCP, chosen, (NODE_IP, snat_port))),
+    );
+    fx.assert_icmp_error_translated(EXTERNAL, &error, &expected);
+}
+
+#[test]
+fn icmp_that_is_not_about_a_translated_flow_passes_untouched() {
+    let Some(mut fx) = Fixture::new(&[2]) else {
+        return;
+    };
+    // An error about a flow that never went through a frontend.
+    let direct = Packet::new(UDP, CLIENT, backend(7));
+    fx.assert_passed_untouched(&icmp_frame(
+        backend(7).0,
+        CLIENT.0,
+        Icmp::PORT_UNREACHABLE,
+        &quote(&direct),
+    ));
+    // Not an error at all.
+    fx.assert_passed_untouched(&icmp_frame(
+        CLIENT.0,
+        VIP,
+        Icmp::ECHO_REQUEST,
+        b"ping payload",
+    ));
+}
+
+// An error whose quote stops before the ports cannot be matched to a flow, even when it is about
+// one: it passes as it is rather than be half-translated.
+#[test]
+fn a_truncated_icmp_error_passes_untouched() {
+    let Some(mut fx) = Fixture::new(&[2]) else {
+        return;
+    };
+    let request = Packet::new(UDP, CLIENT, DNS_FRONTEND);
+    assert_eq!(fx.backend_of(&request), backend(2));
+    let sent = quote(&request.with_dst(backend(2)));
+    for quote_len in [20, 20 + 2] {
+        fx.assert_passed_untouched(&icmp_frame(
+            backend(2).0,
+            CLIENT.0,
+            Icmp::PORT_UNREACHABLE,
+            &sent[..quote_len],
+        ));
+    }
 }

@@ -126,27 +126,80 @@ pub fn icmp_port_unreachable(offending: &Packet) -> Vec<u8> {
         "the quote is sized for a 20-byte IPv4 header"
     );
     let original = offending.bytes();
-    let quote = &original[14..14 + 20 + 8];
+    let mut frame = ethernet(SENDER_MAC, RECEIVER_MAC);
+    frame.extend_from_slice(&ipv4_icmp(
+        offending.dst.0,
+        offending.src.0,
+        Icmp::PORT_UNREACHABLE,
+        &original[14..14 + 20 + 8],
+    ));
+    frame
+}
 
-    let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0]; // type, code, checksum, unused
-    icmp.extend_from_slice(quote);
-    let sum = internet_checksum(&icmp, 0);
-    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+/// An ICMP message's type, code and the 4 bytes after its checksum (unused, or e.g. the next-hop
+/// MTU of a frag-needed error).
+#[derive(Clone, Copy, Debug)]
+pub struct Icmp {
+    pub icmp_type: u8,
+    pub code: u8,
+    pub rest: [u8; 4],
+}
+
+impl Icmp {
+    pub const PORT_UNREACHABLE: Self = Self {
+        icmp_type: 3,
+        code: 3,
+        rest: [0; 4],
+    };
+    pub const TTL_EXCEEDED: Self = Self {
+        icmp_type: 11,
+        code: 0,
+        rest: [0; 4],
+    };
+    pub const ECHO_REQUEST: Self = Self {
+        icmp_type: 8,
+        code: 0,
+        rest: [0x12, 0x34, 0, 1], // identifier, sequence number
+    };
+
+    /// Fragmentation needed (type 3 code 4) with the next hop's MTU (RFC 1191).
+    pub fn fragmentation_needed(mtu: u16) -> Self {
+        let mtu = mtu.to_be_bytes();
+        Self {
+            icmp_type: 3,
+            code: 4,
+            rest: [0, 0, mtu[0], mtu[1]],
+        }
+    }
+}
+
+/// A frame from `SENDER_MAC` to `RECEIVER_MAC` carrying the ICMP message `icmp` from `src` to
+/// `dst`, with `body` after the ICMP header: for an error, the quoted packet (from its IPv4
+/// header on, cut wherever the test wants).
+pub fn icmp_frame(src: Ipv4Addr, dst: Ipv4Addr, icmp: Icmp, body: &[u8]) -> Vec<u8> {
+    let mut frame = ethernet(RECEIVER_MAC, SENDER_MAC);
+    frame.extend_from_slice(&ipv4_icmp(src, dst, icmp, body));
+    frame
+}
+
+fn ipv4_icmp(src: Ipv4Addr, dst: Ipv4Addr, icmp: Icmp, body: &[u8]) -> Vec<u8> {
+    let mut message = vec![icmp.icmp_type, icmp.code, 0, 0];
+    message.extend_from_slice(&icmp.rest);
+    message.extend_from_slice(body);
+    let sum = internet_checksum(&message, 0);
+    message[2..4].copy_from_slice(&sum.to_be_bytes());
 
     let mut ip = vec![0u8; 20];
     ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&((20 + icmp.len()) as u16).to_be_bytes());
+    ip[2..4].copy_from_slice(&((20 + message.len()) as u16).to_be_bytes());
     ip[8] = 64; // TTL; id, flags and fragment offset stay 0
     ip[9] = ICMP;
-    ip[12..16].copy_from_slice(&offending.dst.0.octets());
-    ip[16..20].copy_from_slice(&offending.src.0.octets());
+    ip[12..16].copy_from_slice(&src.octets());
+    ip[16..20].copy_from_slice(&dst.octets());
     let sum = internet_checksum(&ip, 0);
     ip[10..12].copy_from_slice(&sum.to_be_bytes());
-
-    let mut frame = ethernet(SENDER_MAC, RECEIVER_MAC);
-    frame.extend_from_slice(&ip);
-    frame.extend_from_slice(&icmp);
-    frame
+    ip.extend_from_slice(&message);
+    ip
 }
 
 /// The (source, destination) addresses and ports of an Ethernet/IPv4/TCP|UDP frame.
@@ -227,5 +280,35 @@ pub fn assert_icmp_checksums_valid(frame: &[u8]) {
         internet_checksum(&ip[ihl..total], 0),
         0,
         "ICMP checksum is wrong"
+    );
+}
+
+/// Checks an ICMP error frame's checksums: the outer IPv4 header, the ICMP message, the quoted
+/// IPv4 header, and the quoted TCP or UDP checksum when the whole segment is quoted (only then
+/// can it be verified); panics with the reason.
+pub fn assert_icmp_error_checksums_valid(frame: &[u8]) {
+    assert_icmp_checksums_valid(frame);
+    let outer_ihl = usize::from(frame[14] & 0x0f) * 4;
+    let quote = &frame[14 + outer_ihl + 8..];
+    let ihl = usize::from(quote[0] & 0x0f) * 4;
+    assert_eq!(
+        internet_checksum(&quote[..ihl], 0),
+        0,
+        "quoted IPv4 header checksum is wrong"
+    );
+    let total = usize::from(u16::from_be_bytes([quote[2], quote[3]]));
+    if quote.len() < total {
+        return; // the segment is cut: its checksum cannot be checked
+    }
+    let src = Ipv4Addr::new(quote[12], quote[13], quote[14], quote[15]);
+    let dst = Ipv4Addr::new(quote[16], quote[17], quote[18], quote[19]);
+    let segment = &quote[ihl..total];
+    if quote[9] == UDP && segment[6..8] == [0, 0] {
+        return; // "no checksum"
+    }
+    assert_eq!(
+        l4_checksum(src, dst, quote[9], segment),
+        0,
+        "quoted L4 checksum is wrong"
     );
 }
