@@ -2,6 +2,9 @@
 //! with the maps programmed by the real syncer for N services, for the four things a packet can
 //! be: not for a service, the first packet of a flow (conntrack miss: pick a backend, write two
 //! entries, DNAT), a packet of a known flow (conntrack hit, DNAT), and a reply (reverse NAT).
+//! The measured service is also a NodePort, and `external_ingress` is timed for its two costliest
+//! packets: an outside client's first packet (DNAT plus SNAT to the node with a claimed source
+//! port) and the backend's reply (reverse NAT of both ends).
 //!
 //! Each packet is its own test run (repeat = 1): with `repeat` the kernel runs the program again
 //! on the packet it has already rewritten, which would measure something else. The kernel times
@@ -13,7 +16,7 @@ use std::{net::Ipv4Addr, time::SystemTime};
 use anyhow::{Context, Result, ensure};
 use aya::programs::{TestRun, TestRunOptions};
 use service_agent::{
-    dataplane::{Dataplane, POD_INGRESS_PROGRAM},
+    dataplane::{Dataplane, EXTERNAL_INGRESS_PROGRAM, POD_INGRESS_PROGRAM},
     model::{
         DesiredState, Endpoint, Node, Protocol, Service, ServiceName, ServicePort, ServiceType,
         TrafficPolicy,
@@ -31,10 +34,16 @@ pub struct PacketCosts {
     pub new_flow_ns: f64,
     pub established_ns: f64,
     pub reply_ns: f64,
+    pub node_port_new_flow_ns: f64,
+    pub node_port_reply_ns: f64,
 }
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 9);
 const FIRST_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+/// The node's address, where the measured service's nodePort answers, and a client outside.
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 1);
+const NODE_PORT: u16 = 30080;
+const EXTERNAL_CLIENT: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 10);
 /// Backends are drawn from a pool, as in a cluster where many services select the same pods.
 const BACKEND_POOL: u32 = 30_000;
 const FIRST_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 128, 0, 1);
@@ -47,7 +56,12 @@ pub fn measure(sizes: &[usize], flows: u16) -> Result<Vec<PacketCosts>> {
     let mut beds = Vec::new();
     for &services in sizes {
         let mut dataplane = Dataplane::load(None).context("cannot load the dataplane")?;
-        let mut syncer = Syncer::new(&dataplane.maps, Node::default())?;
+        let node = Node {
+            ips: vec![NODE_IP],
+            name: Some("bench-node".into()),
+        };
+        dataplane.maps.set_node(&node)?;
+        let mut syncer = Syncer::new(&dataplane.maps, node)?;
         syncer
             .sync(&desired_state(services), &mut dataplane.maps)
             .with_context(|| format!("cannot program {services} services"))?;
@@ -68,6 +82,8 @@ pub fn measure(sizes: &[usize], flows: u16) -> Result<Vec<PacketCosts>> {
             new_flow_ns: median(samples.new_flow),
             established_ns: median(samples.established),
             reply_ns: median(samples.reply),
+            node_port_new_flow_ns: median(samples.node_port_new_flow),
+            node_port_reply_ns: median(samples.node_port_reply),
         })
         .collect())
 }
@@ -78,23 +94,25 @@ struct Samples {
     new_flow: Vec<f64>,
     established: Vec<f64>,
     reply: Vec<f64>,
+    node_port_new_flow: Vec<f64>,
+    node_port_reply: Vec<f64>,
 }
 
 impl Samples {
-    /// The four kinds of packet for the flow from CLIENT:`port`.
+    /// The four kinds of packet for the flow from CLIENT:`port`, and the NodePort pair for the
+    /// flow from EXTERNAL_CLIENT:`port`.
     fn record(&mut self, dataplane: &mut Dataplane, vip: Ipv4Addr, port: u16) -> Result<()> {
-        let program = dataplane.tc_program(POD_INGRESS_PROGRAM);
-        let run = |packet: &Packet| -> Result<(u32, Vec<u8>, f64)> {
-            let frame = packet.bytes();
-            let mut out = vec![0u8; frame.len() + 64];
-            let result = program.test_run(TestRunOptions {
-                data_in: Some(&frame),
-                data_out: Some(&mut out),
-                ..TestRunOptions::default()
-            })?;
-            out.truncate(result.data_size_out as usize);
-            Ok((result.return_value, out, result.duration.as_nanos() as f64))
-        };
+        self.record_pod_flow(dataplane, vip, port)?;
+        self.record_node_port_flow(dataplane, port)
+    }
+
+    fn record_pod_flow(
+        &mut self,
+        dataplane: &mut Dataplane,
+        vip: Ipv4Addr,
+        port: u16,
+    ) -> Result<()> {
+        let mut run = |packet: &Packet| run(dataplane, POD_INGRESS_PROGRAM, packet);
         let elsewhere = Packet::new(TCP, (CLIENT, port), (Ipv4Addr::new(10, 244, 9, 9), 80));
         self.passthrough.push(run(&elsewhere)?.2);
 
@@ -117,6 +135,46 @@ impl Samples {
         self.reply.push(ns);
         Ok(())
     }
+
+    fn record_node_port_flow(&mut self, dataplane: &mut Dataplane, port: u16) -> Result<()> {
+        let mut run = |packet: &Packet| run(dataplane, EXTERNAL_INGRESS_PROGRAM, packet);
+        let request = Packet::new(TCP, (EXTERNAL_CLIENT, port), (NODE_IP, NODE_PORT));
+        let (verdict, out, ns) = run(&request)?;
+        ensure!(
+            verdict == TC_ACT_OK,
+            "a new NodePort flow got verdict {verdict}"
+        );
+        ensure!(
+            out[26..30] == NODE_IP.octets(),
+            "the NodePort flow was not SNATed to the node"
+        );
+        self.node_port_new_flow.push(ns);
+        let backend = Ipv4Addr::new(out[30], out[31], out[32], out[33]);
+        let backend_port = u16::from_be_bytes([out[36], out[37]]);
+        let snat_port = u16::from_be_bytes([out[34], out[35]]);
+
+        let answer = Packet::new(TCP, (backend, backend_port), (NODE_IP, snat_port));
+        let (_, out, ns) = run(&answer)?;
+        ensure!(
+            out[30..34] == EXTERNAL_CLIENT.octets(),
+            "the NodePort reply was not translated back to the client"
+        );
+        self.node_port_reply.push(ns);
+        Ok(())
+    }
+}
+
+/// Runs one packet through a program: its verdict, the output frame and the nanoseconds taken.
+fn run(dataplane: &mut Dataplane, program: &str, packet: &Packet) -> Result<(u32, Vec<u8>, f64)> {
+    let frame = packet.bytes();
+    let mut out = vec![0u8; frame.len() + 64];
+    let result = dataplane.tc_program(program).test_run(TestRunOptions {
+        data_in: Some(&frame),
+        data_out: Some(&mut out),
+        ..TestRunOptions::default()
+    })?;
+    out.truncate(result.data_size_out as usize);
+    Ok((result.return_value, out, result.duration.as_nanos() as f64))
 }
 
 fn desired_state(services: usize) -> DesiredState {
@@ -136,9 +194,16 @@ fn desired_state(services: usize) -> DesiredState {
                 node_name: None,
             })
             .collect();
+        // Only the measured service is a NodePort: the nodePort range cannot hold one per
+        // service at 100,000, and the lookup does not depend on how many there are.
+        let measured = index == services as u32 / 2;
         let service = Service {
             name: name.clone(),
-            service_type: ServiceType::ClusterIP,
+            service_type: if measured {
+                ServiceType::NodePort
+            } else {
+                ServiceType::ClusterIP
+            },
             cluster_ip: offset(FIRST_VIP, index),
             external_ips: Vec::new(),
             load_balancer_ips: Vec::new(),
@@ -147,7 +212,7 @@ fn desired_state(services: usize) -> DesiredState {
                 name: "http".into(),
                 port: 80,
                 protocol: Protocol::Tcp,
-                node_port: None,
+                node_port: measured.then_some(NODE_PORT),
                 endpoints,
             }],
             created: SystemTime::now(),

@@ -129,18 +129,20 @@ pub fn markdown(results: &Results, kernel: &[PacketCosts], context: &RunDescript
         .unwrap();
         writeln!(
             out,
-            "| services | not a service | new flow (conntrack miss) | known flow (conntrack hit) | reply (reverse NAT) |\n|---:|---:|---:|---:|---:|"
+            "| services | not a service | new flow (conntrack miss) | known flow (conntrack hit) | reply (reverse NAT) | NodePort new flow (DNAT + SNAT) | NodePort reply |\n|---:|---:|---:|---:|---:|---:|---:|"
         )
         .unwrap();
         for costs in kernel {
             writeln!(
                 out,
-                "| {} | {:.0} | {:.0} | {:.0} | {:.0} |",
+                "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
                 costs.services,
                 costs.passthrough_ns,
                 costs.new_flow_ns,
                 costs.established_ns,
-                costs.reply_ns
+                costs.reply_ns,
+                costs.node_port_new_flow_ns,
+                costs.node_port_reply_ns
             )
             .unwrap();
         }
@@ -148,13 +150,15 @@ pub fn markdown(results: &Results, kernel: &[PacketCosts], context: &RunDescript
             let change = |a: f64, b: f64| format!("{:+.1}%", (b / a - 1.0) * 100.0);
             writeln!(
                 out,
-                "\nFrom {} to {} services: not a service {}, new flow {}, known flow {}, reply {}.",
+                "\nFrom {} to {} services: not a service {}, new flow {}, known flow {}, reply {}, NodePort new flow {}, NodePort reply {}.",
                 first.services,
                 last.services,
                 change(first.passthrough_ns, last.passthrough_ns),
                 change(first.new_flow_ns, last.new_flow_ns),
                 change(first.established_ns, last.established_ns),
-                change(first.reply_ns, last.reply_ns)
+                change(first.reply_ns, last.reply_ns),
+                change(first.node_port_new_flow_ns, last.node_port_new_flow_ns),
+                change(first.node_port_reply_ns, last.node_port_reply_ns)
             )
             .unwrap();
         }
