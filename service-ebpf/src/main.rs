@@ -22,6 +22,7 @@
 #![no_main]
 
 mod backend;
+mod conntrack;
 mod icmp_error;
 mod maps;
 mod nat;

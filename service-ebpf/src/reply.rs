@@ -5,9 +5,10 @@ use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     programs::TcContext,
 };
-use service_common::{CT_REVERSE, CT_SNAT, ConntrackKeyV4};
+use service_common::{CT_REVERSE, CT_SNAT};
 
 use crate::{
+    conntrack,
     maps::{CONNTRACK_V4, REV_NAT_V4},
     nat::{self, End},
     packet::Ipv4Flow,
@@ -15,22 +16,15 @@ use crate::{
 
 #[inline(always)]
 pub fn from_backend(ctx: &TcContext, flow: &Ipv4Flow) -> i32 {
-    let reverse_key = ConntrackKeyV4 {
-        src_address: flow.src_address,
-        dst_address: flow.dst_address,
-        src_port: flow.src_port,
-        dst_port: flow.dst_port,
-        protocol: flow.protocol,
-        direction: CT_REVERSE,
-        _pad: 0,
-    };
-    let Some(entry) = (unsafe { CONNTRACK_V4.get(reverse_key) }) else {
+    let reverse_key = conntrack::key_of(flow, CT_REVERSE);
+    let Some(entry) = (unsafe { CONNTRACK_V4.get(reverse_key) }).copied() else {
         return TC_ACT_OK;
     };
     // The frontend is gone (service deleted): nothing to translate to.
     let Some(frontend) = (unsafe { REV_NAT_V4.get(entry.rev_nat_id) }) else {
         return TC_ACT_OK;
     };
+    conntrack::restore_forward(flow, &entry, frontend);
     if nat::rewrite(ctx, flow, End::Source, frontend.address, frontend.port).is_err() {
         return TC_ACT_SHOT;
     }

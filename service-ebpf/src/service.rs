@@ -7,13 +7,13 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use service_common::{
-    BackendV4, CT_FORWARD, CT_REVERSE, CT_SNAT, ConntrackEntryV4, ConntrackKeyV4, HAIRPIN_ADDRESS,
+    BackendV4, CT_FORWARD, CT_SNAT, ConntrackEntryV4, ConntrackKeyV4, HAIRPIN_ADDRESS,
     SERVICE_LOCAL, SERVICE_REMOTE_ENDPOINTS_ONLY, SNAT_PORT_COUNT, SNAT_PORT_FIRST, ServiceEntry,
     ServiceKeyV4,
 };
 
 use crate::{
-    Origin, backend,
+    Origin, backend, conntrack,
     maps::{BACKENDS_V4, CONNTRACK_V4, NODE_V4},
     nat::{self, End},
     packet::Ipv4Flow,
@@ -44,21 +44,8 @@ pub fn to_frontend(
     frontend: ServiceKeyV4,
     service: ServiceEntry,
 ) -> i32 {
-    let forward_key = ConntrackKeyV4 {
-        src_address: flow.src_address,
-        dst_address: flow.dst_address,
-        src_port: flow.src_port,
-        dst_port: flow.dst_port,
-        protocol: flow.protocol,
-        direction: CT_FORWARD,
-        _pad: 0,
-    };
-    // A flow whose backend was removed is re-balanced rather than sent to a dead address: this
-    // is what keeps UDP flows alive across a server pod's restart (kube-proxy's stale conntrack).
-    let tracked = unsafe { CONNTRACK_V4.get(forward_key) }.and_then(|entry| {
-        unsafe { BACKENDS_V4.get(entry.backend_id) }.map(|backend| (*backend, *entry))
-    });
-    let (backend, entry) = match tracked {
+    let forward_key = conntrack::key_of(flow, CT_FORWARD);
+    let (backend, entry) = match tracked_flow(flow, &forward_key) {
         Some(tracked) => tracked,
         None => match new_flow(flow, origin, &frontend, &service, &forward_key) {
             NewFlow::To(backend, entry) => (backend, entry),
@@ -75,6 +62,26 @@ pub fn to_frontend(
         return TC_ACT_SHOT;
     }
     TC_ACT_OK
+}
+
+/// The backend and entry of the flow `forward_key` tracks, if it may go on. A flow whose backend
+/// was removed is forgotten and re-balanced rather than sent to a dead address: this is what
+/// keeps UDP flows alive across a server pod's restart (kube-proxy's stale conntrack). So is one
+/// whose SNAT port went to another flow while its reverse entry was evicted.
+#[inline(always)]
+fn tracked_flow(
+    flow: &Ipv4Flow,
+    forward_key: &ConntrackKeyV4,
+) -> Option<(BackendV4, ConntrackEntryV4)> {
+    // SAFETY: map values are plain data; a concurrent update can at worst give a stale value.
+    let entry = *unsafe { CONNTRACK_V4.get(forward_key) }?;
+    if let Some(backend) = unsafe { BACKENDS_V4.get(entry.backend_id) }
+        && conntrack::restore_reverse(flow, backend, &entry)
+    {
+        return Some((*backend, entry));
+    }
+    let _ = CONNTRACK_V4.remove(forward_key);
+    None
 }
 
 #[inline(always)]
@@ -102,30 +109,14 @@ fn new_flow(
         rev_nat_id: service.rev_nat_id,
         ..ConntrackEntryV4::default()
     };
-    let mut reverse = forward;
-    let mut reverse_key = ConntrackKeyV4 {
-        src_address: backend.address,
-        dst_address: flow.src_address,
-        src_port: backend.port,
-        dst_port: flow.src_port,
-        protocol: flow.protocol,
-        direction: CT_REVERSE,
-        _pad: 0,
-    };
     let hairpin = backend.address == flow.src_address;
     let node_snat = origin == Origin::External && service.flags & SERVICE_LOCAL == 0;
-    if hairpin || node_snat {
-        // Replies go to the translated source; the reverse entry remembers the real client.
-        reverse.flags = CT_SNAT;
-        reverse.nat_address = flow.src_address;
-        reverse.nat_port = flow.src_port;
-        forward.flags = CT_SNAT;
-    }
     if hairpin {
-        // The pod's own port stays: the backend tuple already tells its flows apart.
+        // Replies go to the hairpin address; the pod's own port stays: the backend tuple
+        // already tells its flows apart.
+        forward.flags = CT_SNAT;
         forward.nat_address = HAIRPIN_ADDRESS;
         forward.nat_port = flow.src_port;
-        reverse_key.dst_address = HAIRPIN_ADDRESS;
     } else if node_snat {
         let Some(snat_address) = NODE_V4
             .get(0)
@@ -134,36 +125,71 @@ fn new_flow(
         else {
             return NewFlow::Drop;
         };
-        reverse_key.dst_address = snat_address;
+        forward.flags = CT_SNAT;
         forward.nat_address = snat_address;
-        let Some(port) = claim_snat_port(&mut reverse_key, &reverse) else {
+        let Some(port) = claim_snat_port(flow, &backend, &mut forward) else {
             return NewFlow::Drop;
         };
         forward.nat_port = port;
-        let _ = CONNTRACK_V4.insert(forward_key, forward, 0);
-        return NewFlow::To(backend, forward);
+        return record_forward(forward_key, backend, forward, || {
+            // Our claim is of no use: free the port.
+            let (reverse_key, _) = conntrack::reverse_of(flow, &backend, &forward);
+            let _ = CONNTRACK_V4.remove(&reverse_key);
+        });
     }
     // Reverse first: once the forward entry exists, replies must already be translatable. A full
     // LRU evicts rather than fails, so an error here is not worth dropping the packet for.
+    let (reverse_key, reverse) = conntrack::reverse_of(flow, &backend, &forward);
     let _ = CONNTRACK_V4.insert(reverse_key, reverse, 0);
-    let _ = CONNTRACK_V4.insert(forward_key, forward, 0);
-    NewFlow::To(backend, forward)
+    // Another CPU may have recorded the flow meanwhile (a retransmitted first packet): its entry
+    // wins, and the reverse entry just written is either the same or an unused one that ages out.
+    record_forward(forward_key, backend, forward, || {})
+}
+
+/// Records a new flow's forward entry unless another CPU recorded the same flow first, in which
+/// case that flow's backend and translation are the ones to use (after `lost`).
+#[inline(always)]
+fn record_forward(
+    forward_key: &ConntrackKeyV4,
+    backend: BackendV4,
+    forward: ConntrackEntryV4,
+    lost: impl FnOnce(),
+) -> NewFlow {
+    if CONNTRACK_V4
+        .insert(forward_key, forward, u64::from(BPF_NOEXIST))
+        .is_ok()
+    {
+        return NewFlow::To(backend, forward);
+    }
+    lost();
+    // SAFETY: map values are plain data; a concurrent update can at worst give a stale value.
+    let Some(winner) = (unsafe { CONNTRACK_V4.get(forward_key) }).copied() else {
+        return NewFlow::Drop;
+    };
+    match unsafe { BACKENDS_V4.get(winner.backend_id) } {
+        Some(backend) => NewFlow::To(*backend, winner),
+        None => NewFlow::Drop,
+    }
 }
 
 /// Finds a source port for a SNATed flow that no other flow to the same backend uses, by
 /// claiming its reverse entry with BPF_NOEXIST: whoever inserts first owns the port, so two
 /// clients racing on two CPUs never share a tuple. Returns the port in network byte order.
 #[inline(always)]
-fn claim_snat_port(reverse_key: &mut ConntrackKeyV4, reverse: &ConntrackEntryV4) -> Option<u16> {
+fn claim_snat_port(
+    flow: &Ipv4Flow,
+    backend: &BackendV4,
+    forward: &mut ConntrackEntryV4,
+) -> Option<u16> {
     for _ in 0..SNAT_PROBES {
         let offset = (unsafe { bpf_get_prandom_u32() } % u32::from(SNAT_PORT_COUNT)) as u16;
-        let port = (SNAT_PORT_FIRST + offset).to_be();
-        reverse_key.dst_port = port;
+        forward.nat_port = (SNAT_PORT_FIRST + offset).to_be();
+        let (reverse_key, reverse) = conntrack::reverse_of(flow, backend, forward);
         if CONNTRACK_V4
-            .insert(*reverse_key, reverse, u64::from(BPF_NOEXIST))
+            .insert(reverse_key, reverse, u64::from(BPF_NOEXIST))
             .is_ok()
         {
-            return Some(port);
+            return Some(forward.nat_port);
         }
     }
     None

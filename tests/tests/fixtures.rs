@@ -20,7 +20,9 @@ use service_agent::{
     },
     sync::Syncer,
 };
-use service_common::{SNAT_PORT_COUNT, SNAT_PORT_FIRST};
+use service_common::{
+    CT_FORWARD, CT_REVERSE, ConntrackEntryV4, ConntrackKeyV4, SNAT_PORT_COUNT, SNAT_PORT_FIRST,
+};
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
@@ -605,6 +607,146 @@ fn concurrent_node_port_flows_get_distinct_snat_ports() {
             &Packet::new(TCP, backend, (NODE_IP, snat_port)),
             &Packet::new(TCP, NODE_PORT_FRONTEND, (EXTERNAL_CLIENT.0, client_port)),
         );
+    }
+}
+
+/// The conntrack key a program looks `packet` up by: [`CT_FORWARD`] for a client's packet,
+/// [`CT_REVERSE`] for a backend's.
+fn conntrack_key(packet: &Packet, direction: u8) -> ConntrackKeyV4 {
+    ConntrackKeyV4 {
+        src_address: u32::from_ne_bytes(packet.src.0.octets()),
+        dst_address: u32::from_ne_bytes(packet.dst.0.octets()),
+        src_port: packet.src.1.to_be(),
+        dst_port: packet.dst.1.to_be(),
+        protocol: packet.protocol,
+        direction,
+        _pad: 0,
+    }
+}
+
+impl Fixture {
+    /// Removes the conntrack entry `packet` would match, as LRU eviction does, and returns it.
+    fn evict(&mut self, packet: &Packet, direction: u8) -> ConntrackEntryV4 {
+        let key = conntrack_key(packet, direction);
+        let conntrack = &mut self.dataplane.maps.conntrack;
+        let entry = conntrack.get(&key, 0).expect("the entry to evict");
+        conntrack.remove(&key).expect("evicting a conntrack entry");
+        entry
+    }
+}
+
+// The two entries of a flow live in one LRU map that evicts them one at a time. A flow that
+// lost its reverse entry must get it back from its next packet, keeping its port.
+#[test]
+fn a_snated_flow_whose_reverse_entry_was_evicted_keeps_its_port_and_replies() {
+    let Some(mut fx) = Fixture::serving(
+        node_a(),
+        [node_port_service(
+            TrafficPolicy::Cluster,
+            &endpoints(&[2, 3, 4]),
+        )],
+    ) else {
+        return;
+    };
+    let request = Packet::new(TCP, EXTERNAL_CLIENT, NODE_PORT_FRONTEND);
+    let (chosen, snat_port) = fx.backend_and_snat_port_of(EXTERNAL, &request);
+    let reply = Packet::new(TCP, chosen, (NODE_IP, snat_port));
+    fx.evict(&reply, CT_REVERSE);
+
+    assert_eq!(
+        fx.backend_and_snat_port_of(EXTERNAL, &request),
+        (chosen, snat_port)
+    );
+    fx.assert_translated(
+        EXTERNAL,
+        &reply,
+        &Packet::new(TCP, NODE_PORT_FRONTEND, EXTERNAL_CLIENT),
+    );
+}
+
+// After its reverse entry was evicted, a flow's SNAT port looks free, and another client may
+// get it. The first flow must then move to another port: two flows sharing one (backend, node
+// port) tuple would get each other's replies.
+#[test]
+fn a_snat_port_taken_over_after_eviction_is_never_shared() {
+    let Some(mut fx) = Fixture::serving(
+        node_a(),
+        [node_port_service(TrafficPolicy::Cluster, &endpoints(&[2]))],
+    ) else {
+        return;
+    };
+    let request = Packet::new(TCP, EXTERNAL_CLIENT, NODE_PORT_FRONTEND);
+    let (chosen, snat_port) = fx.backend_and_snat_port_of(EXTERNAL, &request);
+    let reply = Packet::new(TCP, chosen, (NODE_IP, snat_port));
+    // Another client claims the port, as its first packet would have.
+    let other_client: (Ipv4Addr, u16) = (Ipv4Addr::new(192, 168, 100, 11), 50000);
+    let mut taken = fx.evict(&reply, CT_REVERSE);
+    taken.nat_address = u32::from_ne_bytes(other_client.0.octets());
+    taken.nat_port = other_client.1.to_be();
+    fx.dataplane
+        .maps
+        .conntrack
+        .insert(conntrack_key(&reply, CT_REVERSE), taken, 0)
+        .expect("claiming the port for another client");
+
+    let (moved_to, new_port) = fx.backend_and_snat_port_of(EXTERNAL, &request);
+    assert_eq!(moved_to, chosen);
+    assert_ne!(
+        new_port, snat_port,
+        "two flows share a (backend, SNAT port)"
+    );
+    fx.assert_translated(
+        EXTERNAL,
+        &reply,
+        &Packet::new(TCP, NODE_PORT_FRONTEND, other_client),
+    );
+    fx.assert_translated(
+        EXTERNAL,
+        &Packet::new(TCP, chosen, (NODE_IP, new_port)),
+        &Packet::new(TCP, NODE_PORT_FRONTEND, EXTERNAL_CLIENT),
+    );
+}
+
+// A flow whose forward entry was evicted while replies kept its reverse entry fresh (mostly
+// one-way traffic, a download) gets it back from the next reply: the client's next packet stays
+// on its backend and its port instead of opening a new flow.
+#[test]
+fn a_reply_restores_an_evicted_forward_entry() {
+    let Some(mut fx) = Fixture::serving(
+        node_a(),
+        [node_port_service(
+            TrafficPolicy::Cluster,
+            &endpoints(&[2, 3, 4]),
+        )],
+    ) else {
+        return;
+    };
+    let request = Packet::new(TCP, EXTERNAL_CLIENT, NODE_PORT_FRONTEND);
+    let (chosen, snat_port) = fx.backend_and_snat_port_of(EXTERNAL, &request);
+    fx.evict(&request, CT_FORWARD);
+
+    fx.assert_translated(
+        EXTERNAL,
+        &Packet::new(TCP, chosen, (NODE_IP, snat_port)),
+        &Packet::new(TCP, NODE_PORT_FRONTEND, EXTERNAL_CLIENT),
+    );
+    assert_eq!(
+        fx.backend_and_snat_port_of(EXTERNAL, &request),
+        (chosen, snat_port)
+    );
+
+    // The same for a pod's flow to a ClusterIP, which is not SNATed.
+    fx.sync(&desired([web_service(&[2, 3, 4])]));
+    let request = Packet::new(TCP, CLIENT, FRONTEND);
+    let chosen = fx.backend_of(&request);
+    fx.evict(&request, CT_FORWARD);
+    fx.assert_translated(
+        POD,
+        &Packet::new(TCP, chosen, CLIENT),
+        &Packet::new(TCP, FRONTEND, CLIENT),
+    );
+    for _ in 0..8 {
+        assert_eq!(fx.backend_of(&request), chosen);
     }
 }
 

@@ -1,0 +1,126 @@
+//! The two conntrack entries of a translated flow, and keeping them paired.
+//!
+//! A flow has a forward entry (keyed by what the client sends: client -> frontend) and a reverse
+//! entry (keyed by what the backend sends back: backend -> client, or backend -> node address and
+//! SNAT port). Both live in one LRU map, which evicts entries one at a time: a flow whose traffic
+//! is mostly one way keeps one entry fresh while the other ages out. Each is rebuilt from the
+//! other when a packet finds it missing, so a live flow never loses its translation; and for a
+//! SNATed flow, a reverse entry that another flow claimed in the meantime (its port looked free)
+//! is detected, so that two flows never share one (backend, node port) tuple.
+
+use aya_ebpf::bindings::BPF_NOEXIST;
+use service_common::{
+    BackendV4, CT_FORWARD, CT_REVERSE, CT_SNAT, ConntrackEntryV4, ConntrackKeyV4, RevNatV4,
+};
+
+use crate::{maps::CONNTRACK_V4, packet::Ipv4Flow};
+
+/// The key a packet is looked up by: `CT_FORWARD` for a client's packet, `CT_REVERSE` for a
+/// backend's.
+#[inline(always)]
+pub fn key_of(packet: &Ipv4Flow, direction: u8) -> ConntrackKeyV4 {
+    ConntrackKeyV4 {
+        src_address: packet.src_address,
+        dst_address: packet.dst_address,
+        src_port: packet.src_port,
+        dst_port: packet.dst_port,
+        protocol: packet.protocol,
+        direction,
+        _pad: 0,
+    }
+}
+
+/// The reverse key and entry of the flow of `request` (a client packet), tracked as `forward`
+/// towards `backend`: replies come from the backend to the flow's translated source.
+#[inline(always)]
+pub fn reverse_of(
+    request: &Ipv4Flow,
+    backend: &BackendV4,
+    forward: &ConntrackEntryV4,
+) -> (ConntrackKeyV4, ConntrackEntryV4) {
+    let snat = forward.flags & CT_SNAT != 0;
+    let key = ConntrackKeyV4 {
+        src_address: backend.address,
+        dst_address: if snat {
+            forward.nat_address
+        } else {
+            request.src_address
+        },
+        src_port: backend.port,
+        dst_port: if snat {
+            forward.nat_port
+        } else {
+            request.src_port
+        },
+        protocol: request.protocol,
+        direction: CT_REVERSE,
+        _pad: 0,
+    };
+    let entry = ConntrackEntryV4 {
+        backend_id: forward.backend_id,
+        rev_nat_id: forward.rev_nat_id,
+        nat_address: if snat { request.src_address } else { 0 },
+        nat_port: if snat { request.src_port } else { 0 },
+        flags: forward.flags,
+    };
+    (key, entry)
+}
+
+/// Called for a packet of a tracked flow: recreates the flow's reverse entry if it was evicted.
+/// False when its key now belongs to another flow (which got this flow's SNAT port after the
+/// eviction): this flow must then be balanced anew.
+#[inline(always)]
+pub fn restore_reverse(
+    request: &Ipv4Flow,
+    backend: &BackendV4,
+    forward: &ConntrackEntryV4,
+) -> bool {
+    let (key, entry) = reverse_of(request, backend, forward);
+    // SAFETY: map values are plain data; a concurrent update can at worst give a stale value.
+    match unsafe { CONNTRACK_V4.get(key) } {
+        Some(found) => found.nat_address == entry.nat_address && found.nat_port == entry.nat_port,
+        None => {
+            // Looked up first: an LRU insert takes a free node (evicting) even when the key exists.
+            // Losing a race here means another CPU restored the same entry.
+            let _ = CONNTRACK_V4.insert(key, entry, u64::from(BPF_NOEXIST));
+            true
+        }
+    }
+}
+
+/// Called for a backend's reply that matched `reverse`, answering as `frontend`: recreates the
+/// flow's forward entry if it was evicted, so that the client's next packet stays on its backend
+/// (and on its SNAT port) instead of opening a new flow.
+#[inline(always)]
+pub fn restore_forward(reply: &Ipv4Flow, reverse: &ConntrackEntryV4, frontend: &RevNatV4) {
+    let snat = reverse.flags & CT_SNAT != 0;
+    let key = ConntrackKeyV4 {
+        src_address: if snat {
+            reverse.nat_address
+        } else {
+            reply.dst_address
+        },
+        dst_address: frontend.address,
+        src_port: if snat {
+            reverse.nat_port
+        } else {
+            reply.dst_port
+        },
+        dst_port: frontend.port,
+        protocol: reply.protocol,
+        direction: CT_FORWARD,
+        _pad: 0,
+    };
+    // SAFETY: as above.
+    if unsafe { CONNTRACK_V4.get(key) }.is_some() {
+        return;
+    }
+    let entry = ConntrackEntryV4 {
+        backend_id: reverse.backend_id,
+        rev_nat_id: reverse.rev_nat_id,
+        nat_address: if snat { reply.dst_address } else { 0 },
+        nat_port: if snat { reply.dst_port } else { 0 },
+        flags: reverse.flags,
+    };
+    let _ = CONNTRACK_V4.insert(key, entry, u64::from(BPF_NOEXIST));
+}
