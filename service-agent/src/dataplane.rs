@@ -9,13 +9,13 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData},
-    programs::{CgroupSockAddr, SchedClassifier},
+    maps::{Array, DevMapHash, HashMap, MapData},
+    programs::{CgroupSockAddr, SchedClassifier, Xdp},
 };
 use service_common::{
     BACKENDS_V4_MAP, BackendV4, CONNTRACK_V4_MAP, ConntrackEntryV4, ConntrackKeyV4, NODE_V4_MAP,
     NodeV4, PIN_LAYOUT, REV_NAT_V4_MAP, RevNatV4, SERVICES_V4_MAP, SOCKET_REV_NAT_V4_MAP,
-    ServiceEntry, ServiceKeyV4,
+    ServiceEntry, ServiceKeyV4, XDP_EGRESS_MAP,
 };
 
 use crate::{
@@ -39,6 +39,8 @@ const PINNED_MAPS: [&str; 5] = [
 /// The TC programs: one at ingress of pod-facing links, one at ingress of external links.
 pub const POD_INGRESS_PROGRAM: &str = "pod_ingress";
 pub const EXTERNAL_INGRESS_PROGRAM: &str = "external_ingress";
+/// The XDP program of external links, ahead of `external_ingress` (see `xdp`).
+pub const EXTERNAL_XDP_PROGRAM: &str = "external_xdp";
 
 /// The cgroup sock_addr programs that translate the node's own sockets (see `socket_hooks`).
 pub const SOCKET_PROGRAMS: [&str; 4] = [
@@ -51,6 +53,8 @@ pub const SOCKET_PROGRAMS: [&str; 4] = [
 pub struct Dataplane {
     ebpf: Ebpf,
     pub maps: ServiceMaps,
+    /// The links `external_xdp` may redirect to. Not pinned: it lists this agent's attachments.
+    pub xdp_egress: DevMapHash<MapData>,
     /// Where the maps are pinned, if they are.
     pin_dir: Option<PathBuf>,
 }
@@ -96,10 +100,22 @@ impl Dataplane {
                 .load()
                 .with_context(|| format!("the verifier rejected {name}"))?;
         }
+        let program: &mut Xdp = ebpf
+            .program_mut(EXTERNAL_XDP_PROGRAM)
+            .with_context(|| format!("the object has no {EXTERNAL_XDP_PROGRAM} program"))?
+            .try_into()?;
+        program
+            .load()
+            .with_context(|| format!("the verifier rejected {EXTERNAL_XDP_PROGRAM}"))?;
+        let xdp_egress = DevMapHash::try_from(
+            ebpf.take_map(XDP_EGRESS_MAP)
+                .with_context(|| format!("the object has no {XDP_EGRESS_MAP} map"))?,
+        )?;
         let maps = ServiceMaps::take(&mut ebpf)?;
         Ok(Self {
             ebpf,
             maps,
+            xdp_egress,
             pin_dir,
         })
     }
@@ -110,6 +126,16 @@ impl Dataplane {
             .program_mut(name)
             .and_then(|program| program.try_into().ok())
             .expect("every TC program is loaded in Dataplane::load")
+    }
+
+    /// The XDP program and the map of the links it may redirect to.
+    pub fn xdp_program(&mut self) -> (&mut Xdp, &mut DevMapHash<MapData>) {
+        let program = self
+            .ebpf
+            .program_mut(EXTERNAL_XDP_PROGRAM)
+            .and_then(|program| program.try_into().ok())
+            .expect("the XDP program is loaded in Dataplane::load");
+        (program, &mut self.xdp_egress)
     }
 
     /// One of the [`SOCKET_PROGRAMS`], by name.

@@ -8,3 +8,4 @@ pub mod manifest;
 pub mod model;
 pub mod socket_hooks;
 pub mod sync;
+pub mod xdp;

@@ -10,6 +10,7 @@ use service_agent::{
     api::{self, Scope},
     controlplane::{ControlPlaneConfig, DEFAULT_NODE_PORT_RANGE, Ipv4Cidr, PortRange},
     manifest,
+    xdp::XdpMode,
 };
 
 #[derive(Parser)]
@@ -65,6 +66,10 @@ pub struct RunArgs {
     /// Links that face outside the cluster (NodePort, LoadBalancer); repeatable.
     #[arg(long = "external-interface")]
     external_interfaces: Vec<String>,
+    /// How the XDP fast path runs on the external links: in the driver (native), in the stack
+    /// (generic), or not at all (off: the TC program does everything).
+    #[arg(long, value_enum, default_value_t = XdpMode::Native)]
+    xdp_mode: XdpMode,
     /// The range nodePorts are allocated from (kube-apiserver's --service-node-port-range).
     #[arg(long, default_value_t = DEFAULT_NODE_PORT_RANGE)]
     node_port_range: PortRange,

@@ -13,6 +13,7 @@ use service_agent::{
     model::{DesiredState, Node},
     socket_hooks::SocketHooks,
     sync::Syncer,
+    xdp::XdpAttachments,
 };
 use tokio::{
     signal::unix::{SignalKind, signal},
@@ -44,6 +45,7 @@ async fn serve(args: RunArgs) -> Result<()> {
     tracing::info!(
         node_ips = ?args.node_ips,
         external_interfaces = ?args.external_interfaces,
+        xdp_mode = ?args.xdp_mode,
         node_port_range = %args.node_port_range,
         node_name = ?args.node_name,
         cgroup = ?args.cgroup,
@@ -99,6 +101,7 @@ async fn serve_until_signal(
         LinkAttachments::new(POD_INGRESS_PROGRAM, args.pod_interfaces.clone()),
         LinkAttachments::new(EXTERNAL_INGRESS_PROGRAM, args.external_interfaces.clone()),
     ];
+    let mut xdp = XdpAttachments::new(args.xdp_mode, args.external_interfaces.clone());
     let mut source = ManifestSource::new(
         args.manifests.clone(),
         ControlPlaneConfig {
@@ -130,6 +133,10 @@ async fn serve_until_signal(
                 tracing::error!("{err:#}");
             }
         }
+        let (program, egress) = dataplane.xdp_program();
+        if let Err(err) = xdp.reconcile(program, egress) {
+            tracing::error!("{err:#}");
+        }
         let started = std::time::Instant::now();
         let refresh = match source.refresh() {
             Ok(Some(refresh)) => refresh,
@@ -158,6 +165,8 @@ async fn serve_until_signal(
     for links in &mut links {
         links.detach_all(dataplane.tc_program(links.program()));
     }
+    let (program, egress) = dataplane.xdp_program();
+    xdp.detach_all(program, egress);
     result
 }
 

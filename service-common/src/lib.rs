@@ -20,6 +20,7 @@ pub const REV_NAT_V4_MAP: &str = "REV_NAT_V4";
 pub const CONNTRACK_V4_MAP: &str = "CONNTRACK_V4";
 pub const NODE_V4_MAP: &str = "NODE_V4";
 pub const SOCKET_REV_NAT_V4_MAP: &str = "SOCKET_REV_NAT_V4";
+pub const XDP_EGRESS_MAP: &str = "XDP_EGRESS";
 
 /// The subdirectory of the agent's pin directory that holds its maps, named after their layout:
 /// aya does not check a reused pin's key or value size, so a layout change moves to a new
@@ -35,6 +36,8 @@ pub const CONNTRACK_V4_MAX_ENTRIES: u32 = 262_144;
 /// One entry per socket of the node's own processes that talks to a service (and per backend a
 /// UDP socket sent to): far more than a node's processes keep open at once.
 pub const SOCKET_REV_NAT_V4_MAX_ENTRIES: u32 = 131_072;
+/// The links the XDP program may send translated packets out of: the external links it runs on.
+pub const XDP_EGRESS_MAX_ENTRIES: u32 = 64;
 
 /// Key of `SERVICES_V4`: one frontend (virtual IP, port, protocol) and a slot.
 ///

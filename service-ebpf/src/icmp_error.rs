@@ -24,6 +24,7 @@ use network_types::eth::EtherType;
 use service_common::{CT_FORWARD, CT_REVERSE, CT_SNAT, ConntrackKeyV4, IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::{
+    checksum::{Delta, address, half},
     maps::{BACKENDS_V4, CONNTRACK_V4, REV_NAT_V4},
     packet::IPV4_OFFSET,
 };
@@ -225,60 +226,4 @@ fn rewrite(ctx: &TcContext, error: &IcmpError, to: &Translation) -> Result<(), i
     ctx.store(error.icmp_offset + ICMP_CHECK, &icmp_check, 0)?;
     ctx.store(quote_offset, &quote, 0)?;
     Ok(())
-}
-
-/// A 32-bit field of a header, as loaded (network byte order).
-#[inline(always)]
-fn address(header: &[u8], at: usize) -> u32 {
-    u32::from_ne_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
-}
-
-/// A 16-bit field of a header, as loaded.
-#[inline(always)]
-fn half(header: &[u8], at: usize) -> u16 {
-    u16::from_ne_bytes([header[at], header[at + 1]])
-}
-
-/// The change of a one's-complement sum over replaced fields (RFC 1624 eqn. 3, the kernel's
-/// csum_replace): the sum of ~old + new for each, kept unfolded in 64 bits. Fields are taken as
-/// loaded: the one's-complement sum is the same whatever the byte order, as long as checksum
-/// and data are read alike.
-#[derive(Default)]
-struct Delta(u64);
-
-impl Delta {
-    #[inline(always)]
-    fn record32(&mut self, old: u32, new: u32) {
-        self.0 += u64::from(!old) + u64::from(new);
-    }
-
-    #[inline(always)]
-    fn record16(&mut self, old: u16, new: u16) {
-        self.0 += u64::from(!old) + u64::from(new);
-    }
-
-    /// Writes `new` at `at` in `header` and records the change.
-    #[inline(always)]
-    fn replace_address(&mut self, header: &mut [u8], at: usize, new: u32) {
-        self.record32(address(header, at), new);
-        header[at..at + 4].copy_from_slice(&new.to_ne_bytes());
-    }
-
-    #[inline(always)]
-    fn replace_half(&mut self, header: &mut [u8], at: usize, new: u16) {
-        self.record16(half(header, at), new);
-        header[at..at + 2].copy_from_slice(&new.to_ne_bytes());
-    }
-
-    /// The checksum `check` updated by this change: ~fold(~check + delta).
-    #[inline(always)]
-    fn applied_to(&self, check: u16) -> u16 {
-        let mut sum = u64::from(!check) + self.0;
-        // Three folds bring any sum of a few dozen 32-bit terms below 2^16 (the third catches
-        // the carry of the second).
-        sum = (sum & 0xffff) + (sum >> 16);
-        sum = (sum & 0xffff) + (sum >> 16);
-        sum = (sum & 0xffff) + (sum >> 16);
-        !(sum as u16)
-    }
 }

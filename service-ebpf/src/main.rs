@@ -22,6 +22,7 @@
 #![no_main]
 
 mod backend;
+mod checksum;
 mod conntrack;
 mod icmp_error;
 mod maps;
@@ -31,12 +32,12 @@ mod reject;
 mod reply;
 mod service;
 mod socket;
+mod xdp;
 
 use aya_ebpf::{
-    macros::{cgroup_sock_addr, classifier},
-    programs::{SockAddrContext, TcContext},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
-use service_common::{SCOPE_DEFAULT, ServiceKeyV4};
 
 use crate::maps::SERVICES_V4;
 
@@ -65,19 +66,18 @@ fn serve(ctx: &TcContext, origin: Origin) -> i32 {
         // Not TCP or UDP the NAT can handle; an ICMP error may still be about a translated flow.
         return icmp_error::translate(ctx);
     };
-    let frontend = ServiceKeyV4 {
-        address: flow.dst_address,
-        port: flow.dst_port,
-        slot: 0,
-        protocol: flow.protocol,
-        scope: SCOPE_DEFAULT,
-        _pad: [0; 2],
-    };
+    let frontend = service::frontend_key(&flow);
     // SAFETY: map values are plain data; a concurrent update can at worst give a stale value.
     if let Some(service) = unsafe { SERVICES_V4.get(frontend) } {
-        return service::to_frontend(ctx, &flow, origin, frontend, *service);
+        return service::to_frontend(ctx, &flow, origin, &frontend, service);
     }
     reply::from_backend(ctx, &flow)
+}
+
+/// The fast path of external links, ahead of `external_ingress` ([`xdp`]).
+#[xdp]
+pub fn external_xdp(ctx: XdpContext) -> u32 {
+    xdp::serve(&ctx)
 }
 
 #[cgroup_sock_addr(connect4)]

@@ -2,12 +2,13 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap},
+    maps::{Array, DevMapHash, HashMap, LruHashMap},
 };
 use service_common::{
     BACKENDS_V4_MAX_ENTRIES, BackendV4, CONNTRACK_V4_MAX_ENTRIES, ConntrackEntryV4, ConntrackKeyV4,
     NodeV4, REV_NAT_V4_MAX_ENTRIES, RevNatV4, SERVICES_V4_MAX_ENTRIES,
     SOCKET_REV_NAT_V4_MAX_ENTRIES, ServiceEntry, ServiceKeyV4, SocketRevNatKeyV4, SocketRevNatV4,
+    XDP_EGRESS_MAX_ENTRIES,
 };
 
 /// Service maps are sized for 100,000 services but allocate entries as the agent writes them
@@ -41,3 +42,8 @@ pub static NODE_V4: Array<NodeV4> = Array::with_max_entries(1, 0);
 #[map]
 pub static SOCKET_REV_NAT_V4: LruHashMap<SocketRevNatKeyV4, SocketRevNatV4> =
     LruHashMap::with_max_entries(SOCKET_REV_NAT_V4_MAX_ENTRIES, 0);
+
+/// The links `external_xdp` may redirect to, by ifindex (the agent adds each external link it
+/// attached XDP to). A translated packet routed out of any other link is passed to the stack.
+#[map]
+pub static XDP_EGRESS: DevMapHash = DevMapHash::with_max_entries(XDP_EGRESS_MAX_ENTRIES, 0);

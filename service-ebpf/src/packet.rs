@@ -6,7 +6,9 @@
 //! the minimum or a total length that does not cover the L4 header all make [`parse`] return
 //! `None`, and the caller passes the packet untouched.
 
-use aya_ebpf::programs::TcContext;
+use core::mem::size_of;
+
+use aya_ebpf::programs::{TcContext, XdpContext};
 use network_types::{
     eth::{EthHdr, EtherType},
     ip::Ipv4Hdr,
@@ -35,13 +37,57 @@ pub const IPV4_DST: usize = IPV4_OFFSET + 16;
 /// More-fragments flag and fragment offset, in host order of the `frags` field.
 const IPV4_MF_AND_OFFSET: u16 = 0x3fff;
 
+/// Bounds-checked reads of a packet, whichever hook it is seen at.
+pub trait Frame {
+    /// The `T` at `offset`, if all of it is in the packet.
+    fn read<T: Copy>(&self, offset: usize) -> Option<T>;
+    fn len(&self) -> usize;
+}
+
+impl Frame for TcContext {
+    #[inline(always)]
+    fn read<T: Copy>(&self, offset: usize) -> Option<T> {
+        self.load(offset).ok()
+    }
+
+    #[inline(always)]
+    fn len(&self) -> usize {
+        TcContext::len(self) as usize
+    }
+}
+
+impl Frame for XdpContext {
+    #[inline(always)]
+    fn read<T: Copy>(&self, offset: usize) -> Option<T> {
+        let at = xdp_pointer::<T>(self, offset)?;
+        // SAFETY: `at` was bounds-checked against data_end.
+        Some(unsafe { at.read_unaligned() })
+    }
+
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.data_end() - self.data()
+    }
+}
+
+/// A pointer to the `T` at `offset` of an XDP packet, if all of it is in the packet. The check
+/// sits right before every access, where the verifier needs it.
 #[inline(always)]
-pub fn parse(ctx: &TcContext) -> Option<Ipv4Flow> {
-    let ether_type: u16 = ctx.load(12).ok()?;
+pub fn xdp_pointer<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+    let at = ctx.data() + offset;
+    if at + size_of::<T>() > ctx.data_end() {
+        return None;
+    }
+    Some(at as *mut T)
+}
+
+#[inline(always)]
+pub fn parse(ctx: &impl Frame) -> Option<Ipv4Flow> {
+    let ether_type: u16 = ctx.read(12)?;
     if ether_type != EtherType::Ipv4 as u16 {
         return None;
     }
-    let ip: Ipv4Hdr = ctx.load(IPV4_OFFSET).ok()?;
+    let ip: Ipv4Hdr = ctx.read(IPV4_OFFSET)?;
     let ihl = usize::from(ip.ihl());
     if ip.version() != 4 || ihl < Ipv4Hdr::LEN {
         return None;
@@ -59,10 +105,10 @@ pub fn parse(ctx: &TcContext) -> Option<Ipv4Flow> {
     }
     let l4_offset = IPV4_OFFSET + ihl;
     // The whole L4 header, checksum included, must be in the packet, not just the ports.
-    if (ctx.len() as usize) < l4_offset + l4_header_len {
+    if ctx.len() < l4_offset + l4_header_len {
         return None;
     }
-    let ports: [u16; 2] = ctx.load(l4_offset).ok()?;
+    let ports: [u16; 2] = ctx.read(l4_offset)?;
     Some(Ipv4Flow {
         src_address: u32::from_ne_bytes(ip.src_addr),
         dst_address: u32::from_ne_bytes(ip.dst_addr),

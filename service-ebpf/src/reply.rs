@@ -5,7 +5,7 @@ use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     programs::TcContext,
 };
-use service_common::{CT_REVERSE, CT_SNAT};
+use service_common::{CT_REVERSE, CT_SNAT, ConntrackEntryV4, RevNatV4};
 
 use crate::{
     conntrack,
@@ -14,17 +14,24 @@ use crate::{
     packet::Ipv4Flow,
 };
 
+/// The reverse entry and the frontend of the flow `flow` is a reply of, if it is one.
+#[inline(always)]
+pub fn lookup(flow: &Ipv4Flow) -> Option<(ConntrackEntryV4, RevNatV4)> {
+    let reverse_key = conntrack::key_of(flow, CT_REVERSE);
+    // SAFETY: map values are plain data; a concurrent update can at worst give a stale value.
+    let entry = unsafe { CONNTRACK_V4.get(reverse_key) }.copied()?;
+    // The frontend is gone (service deleted): nothing to translate to.
+    let frontend = unsafe { REV_NAT_V4.get(entry.rev_nat_id) }.copied()?;
+    conntrack::restore_forward(flow, &entry, &frontend);
+    Some((entry, frontend))
+}
+
+/// The TC side: rewrites a reply as [`lookup`] says, and passes everything else untouched.
 #[inline(always)]
 pub fn from_backend(ctx: &TcContext, flow: &Ipv4Flow) -> i32 {
-    let reverse_key = conntrack::key_of(flow, CT_REVERSE);
-    let Some(entry) = (unsafe { CONNTRACK_V4.get(reverse_key) }).copied() else {
+    let Some((entry, frontend)) = lookup(flow) else {
         return TC_ACT_OK;
     };
-    // The frontend is gone (service deleted): nothing to translate to.
-    let Some(frontend) = (unsafe { REV_NAT_V4.get(entry.rev_nat_id) }) else {
-        return TC_ACT_OK;
-    };
-    conntrack::restore_forward(flow, &entry, frontend);
     if nat::rewrite(ctx, flow, End::Source, frontend.address, frontend.port).is_err() {
         return TC_ACT_SHOT;
     }

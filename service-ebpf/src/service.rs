@@ -8,8 +8,8 @@ use aya_ebpf::{
 };
 use service_common::{
     BackendV4, CT_FORWARD, CT_SNAT, ConntrackEntryV4, ConntrackKeyV4, HAIRPIN_ADDRESS,
-    SERVICE_LOCAL, SERVICE_REMOTE_ENDPOINTS_ONLY, SNAT_PORT_COUNT, SNAT_PORT_FIRST, ServiceEntry,
-    ServiceKeyV4,
+    SCOPE_DEFAULT, SERVICE_LOCAL, SERVICE_REMOTE_ENDPOINTS_ONLY, SNAT_PORT_COUNT, SNAT_PORT_FIRST,
+    ServiceEntry, ServiceKeyV4,
 };
 
 use crate::{
@@ -26,8 +26,9 @@ use crate::{
 /// this node.
 const SNAT_PROBES: u32 = 16;
 
-/// What becomes of a new flow.
-enum NewFlow {
+/// What becomes of a packet to a frontend.
+pub enum Decision {
+    /// To this backend, from the entry's source if it has [`CT_SNAT`].
     To(BackendV4, ConntrackEntryV4),
     /// No endpoint at all: tell the client at once (kube-proxy's REJECT).
     Refuse,
@@ -36,22 +37,47 @@ enum NewFlow {
     Drop,
 }
 
+/// The frontend key a packet is looked up by.
+#[inline(always)]
+pub fn frontend_key(flow: &Ipv4Flow) -> ServiceKeyV4 {
+    ServiceKeyV4 {
+        address: flow.dst_address,
+        port: flow.dst_port,
+        slot: 0,
+        protocol: flow.protocol,
+        scope: SCOPE_DEFAULT,
+        _pad: [0; 2],
+    }
+}
+
+/// Follows a tracked flow, or balances and records a new one.
+#[inline(always)]
+pub fn decide(
+    flow: &Ipv4Flow,
+    origin: Origin,
+    frontend: &ServiceKeyV4,
+    service: &ServiceEntry,
+) -> Decision {
+    let forward_key = conntrack::key_of(flow, CT_FORWARD);
+    match tracked_flow(flow, &forward_key) {
+        Some((backend, entry)) => Decision::To(backend, entry),
+        None => new_flow(flow, origin, frontend, service, &forward_key),
+    }
+}
+
+/// The TC side: rewrites the packet as [`decide`] says.
 #[inline(always)]
 pub fn to_frontend(
     ctx: &TcContext,
     flow: &Ipv4Flow,
     origin: Origin,
-    frontend: ServiceKeyV4,
-    service: ServiceEntry,
+    frontend: &ServiceKeyV4,
+    service: &ServiceEntry,
 ) -> i32 {
-    let forward_key = conntrack::key_of(flow, CT_FORWARD);
-    let (backend, entry) = match tracked_flow(flow, &forward_key) {
-        Some(tracked) => tracked,
-        None => match new_flow(flow, origin, &frontend, &service, &forward_key) {
-            NewFlow::To(backend, entry) => (backend, entry),
-            NewFlow::Refuse => return reject::port_unreachable(ctx, flow),
-            NewFlow::Drop => return TC_ACT_SHOT,
-        },
+    let (backend, entry) = match decide(flow, origin, frontend, service) {
+        Decision::To(backend, entry) => (backend, entry),
+        Decision::Refuse => return reject::port_unreachable(ctx, flow),
+        Decision::Drop => return TC_ACT_SHOT,
     };
     if nat::rewrite(ctx, flow, End::Destination, backend.address, backend.port).is_err() {
         return TC_ACT_SHOT;
@@ -91,18 +117,18 @@ fn new_flow(
     frontend: &ServiceKeyV4,
     service: &ServiceEntry,
     forward_key: &ConntrackKeyV4,
-) -> NewFlow {
+) -> Decision {
     if service.count == 0 {
         return if service.flags & SERVICE_REMOTE_ENDPOINTS_ONLY != 0 {
-            NewFlow::Drop
+            Decision::Drop
         } else {
-            NewFlow::Refuse
+            Decision::Refuse
         };
     }
     let random = unsafe { bpf_get_prandom_u32() };
     // A slot caught mid-update: drop, the client retransmits.
     let Some((backend_id, backend)) = backend::choose(frontend, service.count, random) else {
-        return NewFlow::Drop;
+        return Decision::Drop;
     };
     let mut forward = ConntrackEntryV4 {
         backend_id,
@@ -123,18 +149,18 @@ fn new_flow(
             .map(|node| node.snat_address)
             .filter(|address| *address != 0)
         else {
-            return NewFlow::Drop;
+            return Decision::Drop;
         };
         forward.flags = CT_SNAT;
         forward.nat_address = snat_address;
         let Some(port) = claim_snat_port(flow, &backend, &mut forward) else {
-            return NewFlow::Drop;
+            return Decision::Drop;
         };
         forward.nat_port = port;
         return record_forward(forward_key, backend, forward, || {
             // Our claim is of no use: free the port.
             let (reverse_key, _) = conntrack::reverse_of(flow, &backend, &forward);
-            let _ = CONNTRACK_V4.remove(&reverse_key);
+            let _ = CONNTRACK_V4.remove(reverse_key);
         });
     }
     // Reverse first: once the forward entry exists, replies must already be translatable. A full
@@ -154,21 +180,21 @@ fn record_forward(
     backend: BackendV4,
     forward: ConntrackEntryV4,
     lost: impl FnOnce(),
-) -> NewFlow {
+) -> Decision {
     if CONNTRACK_V4
         .insert(forward_key, forward, u64::from(BPF_NOEXIST))
         .is_ok()
     {
-        return NewFlow::To(backend, forward);
+        return Decision::To(backend, forward);
     }
     lost();
     // SAFETY: map values are plain data; a concurrent update can at worst give a stale value.
     let Some(winner) = (unsafe { CONNTRACK_V4.get(forward_key) }).copied() else {
-        return NewFlow::Drop;
+        return Decision::Drop;
     };
     match unsafe { BACKENDS_V4.get(winner.backend_id) } {
-        Some(backend) => NewFlow::To(*backend, winner),
-        None => NewFlow::Drop,
+        Some(backend) => Decision::To(*backend, winner),
+        None => Decision::Drop,
     }
 }
 

@@ -5,10 +5,16 @@
 //! other nodes route through it, as a cluster's pod network does without an overlay.
 
 use std::net::Ipv4Addr;
+use std::{collections::BTreeMap, process::Command};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, ensure};
 
-use crate::{netns::NetNs, process::ip, topology::Pod, topology::Topology, unique::RunId};
+use crate::{
+    netns::NetNs,
+    process::{COMMAND_TIMEOUT, ip, output_within},
+    topology::{Pod, Topology},
+    unique::RunId,
+};
 
 /// The name of every node's link to the LAN, for `--external-interface`.
 pub const EXTERNAL_INTERFACE: &str = "ext0";
@@ -105,6 +111,36 @@ impl Lan {
         &self.nodes[usize::from(index) - 1]
     }
 
+    /// The counters of node `index`'s LAN link that tell what XDP did there (`ethtool -S` of a
+    /// veth: rx_queue_0_xdp_packets, rx_queue_0_xdp_redirect, ...), by name. Native XDP only:
+    /// generic XDP counts nothing per link.
+    pub fn xdp_counters(&self, index: u8) -> Result<BTreeMap<String, u64>> {
+        let output = output_within(
+            Command::new("ip").args([
+                "netns",
+                "exec",
+                self.node(index).node_netns(),
+                "ethtool",
+                "-S",
+                EXTERNAL_INTERFACE,
+            ]),
+            COMMAND_TIMEOUT,
+        )?;
+        ensure!(
+            output.status.success(),
+            "ethtool -S {EXTERNAL_INTERFACE}: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+        Ok(String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .filter_map(|line| {
+                let (name, value) = line.split_once(':')?;
+                Some((name.trim().to_owned(), value.trim().parse().ok()?))
+            })
+            .filter(|(name, _): &(String, u64)| name.contains("xdp"))
+            .collect())
+    }
+
     /// The client outside the cluster, with the same request helpers as a pod.
     pub fn client(&self) -> Pod {
         Pod {
@@ -118,6 +154,11 @@ impl Lan {
 }
 
 /// Joins `netns` to the bridge with a veth pair: `inside` in `netns`, `port-<label>` on the bridge.
+///
+/// The LAN is made to behave like a wire. `inside` computes its checksums (TX offload off): a
+/// veth otherwise hands over a partial checksum, which the XDP program cannot tell from a full
+/// one as it could not on a NIC's receive path. And the bridge port has GRO on, which gives it a
+/// NAPI context: a veth takes frames that XDP sends to its peer (`ext0`) only with one.
 fn join(bridge: &NetNs, label: &str, netns: &str, inside: &str) -> Result<()> {
     let port = format!("p-{label}");
     ip(&[
@@ -135,5 +176,16 @@ fn join(bridge: &NetNs, label: &str, netns: &str, inside: &str) -> Result<()> {
         netns,
     ])?;
     ip(&["-n", bridge.name(), "link", "set", &port, "master", "br0"])?;
-    ip(&["-n", bridge.name(), "link", "set", &port, "up"])
+    ip(&["-n", bridge.name(), "link", "set", &port, "up"])?;
+    ip(&[
+        "netns",
+        "exec",
+        bridge.name(),
+        "ethtool",
+        "-K",
+        &port,
+        "gro",
+        "on",
+    ])?;
+    ip(&["netns", "exec", netns, "ethtool", "-K", inside, "tx", "off"])
 }

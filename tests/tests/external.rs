@@ -53,8 +53,13 @@ impl Cluster {
             .add_backend_pod(name, lan::pod_ip(index, host))
     }
 
-    /// Starts one agent per node on the shared manifests, with the node's LAN link and IP.
+    /// Starts one agent per node on the shared manifests, with the node's LAN link and IP, and
+    /// the default XDP mode (native).
     fn agents(&self) -> Result<Vec<Agent<'_>>> {
+        self.agents_in_xdp_mode("native")
+    }
+
+    fn agents_in_xdp_mode(&self, xdp_mode: &str) -> Result<Vec<Agent<'_>>> {
         [NODE_A, NODE_B]
             .into_iter()
             .map(|index| {
@@ -67,6 +72,8 @@ impl Cluster {
                         EXTERNAL_INTERFACE,
                         "--node-ip",
                         &node_ip,
+                        "--xdp-mode",
+                        xdp_mode,
                     ],
                 )
             })
@@ -143,6 +150,8 @@ fn refused_quickly(client: &Pod, to: SocketAddrV4) -> Result<()> {
     Ok(())
 }
 
+// With XDP native (the default), the packets between the client and node B never enter node
+// A's stack: they are translated and sent on in XDP.
 #[test]
 fn nodeport_reaches_a_backend_on_the_other_node_and_replies_return_through_the_first() -> Result<()>
 {
@@ -152,6 +161,39 @@ fn nodeport_reaches_a_backend_on_the_other_node_and_replies_return_through_the_f
         return Ok(());
     }
     let cluster = Cluster::new()?;
+    node_port_across_nodes(&cluster, "native")?;
+    let counters = cluster.lan.xdp_counters(NODE_A)?;
+    ensure!(
+        counters
+            .get("rx_queue_0_xdp_redirect")
+            .copied()
+            .unwrap_or(0)
+            > 0,
+        "node A's XDP program forwarded nothing: {counters:?}"
+    );
+    Ok(())
+}
+
+// The same in generic XDP, and with XDP off (TC does everything).
+#[test]
+fn nodeport_across_nodes_works_in_generic_xdp_and_without_xdp() -> Result<()> {
+    if !privileged("nodeport_across_nodes_works_in_generic_xdp_and_without_xdp") {
+        return Ok(());
+    }
+    for mode in ["generic", "off"] {
+        let cluster = Cluster::new()?;
+        node_port_across_nodes(&cluster, mode).with_context(|| format!("--xdp-mode {mode}"))?;
+        let counters = cluster.lan.xdp_counters(NODE_A)?;
+        ensure!(
+            counters.get("rx_queue_0_xdp_packets").copied().unwrap_or(0) == 0,
+            "--xdp-mode {mode} ran native XDP: {counters:?}"
+        );
+    }
+    Ok(())
+}
+
+/// Client -> node A's NodePort with the backend on node B: works, and the backend sees node A.
+fn node_port_across_nodes(cluster: &Cluster, xdp_mode: &str) -> Result<()> {
     let b_web = cluster.backend(NODE_B, "b-web", 20)?;
     let a_client = cluster
         .lan
@@ -169,7 +211,7 @@ fn nodeport_reaches_a_backend_on_the_other_node_and_replies_return_through_the_f
             manifest::exposed_service(DEFAULT, "web", "web", &exposure),
         ]),
     )?;
-    let agents = cluster.agents()?;
+    let agents = cluster.agents_in_xdp_mode(xdp_mode)?;
     let cluster_ip = agents[0].wait_for_service(DEFAULT, "web")?;
     let client = cluster.lan.client();
     let via_a = tcp(lan::node_ip(NODE_A), 30080);

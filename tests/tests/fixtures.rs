@@ -7,7 +7,7 @@ mod packets;
 
 use std::{collections::BTreeSet, net::Ipv4Addr, ops::RangeInclusive, time::SystemTime};
 
-use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
 use packets::{
     Icmp, Packet, TCP, UDP, assert_checksums_valid, assert_icmp_checksums_valid,
     assert_icmp_error_checksums_valid, flow_of, icmp_frame, icmp_port_unreachable,
@@ -27,6 +27,8 @@ use service_common::{
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
 
 /// The programs, by where they are attached: links to this node's pods, links to the outside.
 const POD: &str = POD_INGRESS_PROGRAM;
@@ -1033,4 +1035,133 @@ fn a_truncated_icmp_error_passes_untouched() {
             &sent[..quote_len],
         ));
     }
+}
+
+// --- The XDP fast path of external links --------------------------------------------------------
+//
+// BPF_PROG_TEST_RUN runs `external_xdp` as if the packet came in on the loopback link, which is
+// not one of XDP_EGRESS: every packet it translates is passed on to the stack (the redirect path
+// is exercised with real traffic in external.rs).
+
+impl Fixture {
+    /// Runs `external_xdp` on `frame`: (verdict, output frame).
+    fn run_xdp(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let (program, _) = self.dataplane.xdp_program();
+        run_xdp(program, frame)
+    }
+}
+
+fn run_xdp(program: &Xdp, frame: &[u8]) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; frame.len() + 256];
+    let result = program
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..TestRunOptions::default()
+        })
+        .expect("BPF_PROG_TEST_RUN");
+    out.truncate(result.data_size_out as usize);
+    (result.return_value, out)
+}
+
+// XDP translates a NodePort flow exactly as TC does (same conntrack, same bytes), with its
+// checksums updated in software, and reverse-translates the reply.
+#[test]
+fn xdp_translates_node_port_flows_and_replies_as_tc_does() {
+    let backends = endpoints(&[2, 3, 4]);
+    let mut service = node_port_service(TrafficPolicy::Cluster, &backends);
+    service.ports.push(ServicePort {
+        node_port: Some(NODE_PORT),
+        ..service_port("dns", 53, Protocol::Udp, &backends)
+    });
+    let Some(mut fx) = Fixture::serving(node_a(), [service]) else {
+        return;
+    };
+    for protocol in [TCP, UDP] {
+        let request = Packet::new(protocol, EXTERNAL_CLIENT, NODE_PORT_FRONTEND);
+        let (verdict, out) = fx.run_xdp(&request.bytes());
+        assert_eq!(verdict, XDP_PASS);
+        assert_ne!(out, request.bytes(), "XDP left the request untouched");
+        let (backend, snat_port) = assert_dnated_and_snated(&request, TC_ACT_OK, &out);
+        // TC finds the flow XDP recorded, and makes the same packet of it.
+        assert_eq!(fx.run_on(EXTERNAL, &request.bytes()), (TC_ACT_OK, out));
+
+        let reply = Packet::new(protocol, backend, (NODE_IP, snat_port));
+        let restored = Packet::new(protocol, NODE_PORT_FRONTEND, EXTERNAL_CLIENT);
+        let (verdict, out) = fx.run_xdp(&reply.bytes());
+        assert_eq!(verdict, XDP_PASS);
+        assert_eq!(out, restored.bytes());
+        assert_checksums_valid(&out);
+    }
+    // A UDP datagram without checksum keeps none.
+    let mut request = Packet::new(UDP, (EXTERNAL_CLIENT.0, 40001), NODE_PORT_FRONTEND);
+    request.udp_without_checksum = true;
+    let (verdict, out) = fx.run_xdp(&request.bytes());
+    assert_eq!(verdict, XDP_PASS);
+    let ((_, snat_port), backend) = flow_of(&out);
+    let mut expected = request.with_src((NODE_IP, snat_port)).with_dst(backend);
+    expected.udp_without_checksum = true;
+    assert_eq!(out, expected.bytes());
+}
+
+// What XDP cannot finish goes on untouched to TC at the same link: a refusal needs a new
+// packet, an ICMP error its quote rewritten, traffic for no service nothing at all.
+#[test]
+fn xdp_leaves_refusals_icmp_and_other_traffic_to_tc_untouched() {
+    let Some(mut fx) = Fixture::serving(node_a(), [node_port_service(TrafficPolicy::Cluster, &[])])
+    else {
+        return;
+    };
+    let refused = Packet::new(TCP, EXTERNAL_CLIENT, NODE_PORT_FRONTEND);
+    assert_eq!(
+        fx.run_xdp(&refused.bytes()),
+        (XDP_PASS, refused.bytes()),
+        "a refusal is TC's"
+    );
+    fx.assert_refused(EXTERNAL, &refused);
+
+    let not_a_service = Packet::new(TCP, EXTERNAL_CLIENT, (NODE_IP, 22));
+    assert_eq!(
+        fx.run_xdp(&not_a_service.bytes()),
+        (XDP_PASS, not_a_service.bytes())
+    );
+    let icmp = icmp_port_unreachable(&not_a_service);
+    assert_eq!(fx.run_xdp(&icmp), (XDP_PASS, icmp.clone()));
+}
+
+// Policy Local on a node without a local endpoint: dropped in XDP already.
+#[test]
+fn xdp_drops_what_policy_local_does_not_serve_here() {
+    let Some(mut fx) = Fixture::serving(
+        node_a(),
+        [node_port_service(
+            TrafficPolicy::Local,
+            &[endpoint(2, Some(OTHER_NODE_NAME))],
+        )],
+    ) else {
+        return;
+    };
+    let request = Packet::new(TCP, EXTERNAL_CLIENT, NODE_PORT_FRONTEND);
+    assert_eq!(fx.run_xdp(&request.bytes()).0, XDP_DROP);
+}
+
+// Truncated or fragmented packets are never rewritten by XDP either.
+#[test]
+fn xdp_never_rewrites_what_it_cannot_bound() {
+    let Some(mut fx) = Fixture::serving(
+        node_a(),
+        [node_port_service(TrafficPolicy::Cluster, &endpoints(&[2]))],
+    ) else {
+        return;
+    };
+    let request = Packet::new(TCP, EXTERNAL_CLIENT, NODE_PORT_FRONTEND);
+    let whole = request.bytes();
+    for cut in [20, 34, 40, 50] {
+        let truncated = &whole[..cut];
+        assert_eq!(fx.run_xdp(truncated), (XDP_PASS, truncated.to_vec()));
+    }
+    let mut fragment = request.clone();
+    fragment.fragment = 0x2000;
+    let fragment = fragment.bytes();
+    assert_eq!(fx.run_xdp(&fragment), (XDP_PASS, fragment.clone()));
 }

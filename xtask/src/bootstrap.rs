@@ -15,6 +15,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // Network namespaces, veth pairs and process inspection for the integration tests.
     "iproute2",
     "procps",
+    // Link offloads for the XDP tests: a veth peer needs GRO on (NAPI) to take XDP frames.
+    "ethtool",
     // Backends and load generator for the benchmarks (and the iptables/nftables baselines).
     "iptables",
     "nftables",
