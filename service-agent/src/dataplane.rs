@@ -197,10 +197,12 @@ impl ServiceMaps {
             .ips
             .first()
             .map_or(0, |ip| u32::from_ne_bytes(ip.octets()));
+        let cpus =
+            aya::util::nr_cpus().map_err(|(path, err)| anyhow::anyhow!("reading {path}: {err}"))?;
         let node = NodeV4 {
             snat_address,
+            cpus: u32::try_from(cpus).context("more CPUs than u32")?,
             netns_cookie: own_netns_cookie()?,
-            ..NodeV4::default()
         };
         self.node.set(0, node, 0).context("writing NODE_V4")
     }

@@ -5,7 +5,7 @@ use std::{fs, sync::Arc, time::Duration};
 use anyhow::{Context as _, Result, bail};
 use service_agent::{
     api,
-    controlplane::ControlPlaneConfig,
+    controlplane::{ControlPlaneConfig, PortRange},
     dataplane::Dataplane,
     dataplane::{EXTERNAL_INGRESS_PROGRAM, POD_INGRESS_PROGRAM},
     interfaces::LinkAttachments,
@@ -15,6 +15,7 @@ use service_agent::{
     sync::Syncer,
     xdp::XdpAttachments,
 };
+use service_common::{SNAT_PORT_COUNT, SNAT_PORT_FIRST};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::watch,
@@ -57,6 +58,7 @@ async fn serve(args: RunArgs) -> Result<()> {
             "--external-interface needs --node-ip: traffic from outside is SNATed to the node's address"
         );
     }
+    check_snat_ports(&args)?;
     let mut dataplane = Dataplane::load(Some(&args.pin_dir))?;
     tracing::info!(pin_dir = %args.pin_dir.display(), "dataplane loaded");
     let result = sync_until_signal(&args, &mut dataplane, &mut terminate, &mut interrupt).await;
@@ -168,6 +170,40 @@ async fn serve_until_signal(
     let (program, egress) = dataplane.xdp_program();
     xdp.detach_all(program, egress);
     result
+}
+
+/// SNATed flows get source ports in SNAT_PORT_FIRST.. (see service-common): a backend's reply to
+/// one must never look like a request to a nodePort, and should not share a tuple with one of the
+/// node's own connections.
+fn check_snat_ports(args: &RunArgs) -> Result<()> {
+    let snat = PortRange {
+        first: SNAT_PORT_FIRST,
+        last: SNAT_PORT_FIRST + (SNAT_PORT_COUNT - 1),
+    };
+    let overlap = |a: PortRange, b: PortRange| a.first <= b.last && b.first <= a.last;
+    if overlap(args.node_port_range, snat) {
+        bail!(
+            "--node-port-range {} overlaps the ports external traffic is SNATed to ({snat}): \
+             choose a nodePort range above {}",
+            args.node_port_range,
+            snat.last
+        );
+    }
+    let path = "/proc/sys/net/ipv4/ip_local_port_range";
+    if let Some(local) = fs::read_to_string(path).ok().and_then(|text| {
+        let mut bounds = text.split_whitespace().map(str::parse::<u16>);
+        Some(PortRange {
+            first: bounds.next()?.ok()?,
+            last: bounds.next()?.ok()?,
+        })
+    }) && overlap(local, snat)
+    {
+        tracing::warn!(
+            "{path} ({local}) overlaps the SNAT ports ({snat}): a connection of the node's own \
+             may share a tuple with a SNATed flow to the same backend"
+        );
+    }
+    Ok(())
 }
 
 /// Resolves when inotify reports a change in the manifest paths; never, without inotify.

@@ -146,16 +146,33 @@ pub struct ConntrackEntryV4 {
 
 /// The flow's source is translated as well as its destination (see [`ConntrackEntryV4`]).
 pub const CT_SNAT: u16 = 1 << 0;
+/// Set in a flow's reverse entry when the client sent a TCP FIN, the backend sent one, or either
+/// sent a RST: a SNATed flow whose TCP connection closed gives its source port back at once
+/// (netfilter's NAT reuses the tuples of connections in TIME_WAIT and CLOSE the same way), which
+/// a new connection rate far above ports / LRU lifetime needs.
+pub const CT_FIN_FROM_CLIENT: u16 = 1 << 1;
+pub const CT_FIN_FROM_BACKEND: u16 = 1 << 2;
+pub const CT_RESET: u16 = 1 << 3;
+
+/// Whether a flow's reverse entry says its TCP connection is over (both FINs, or a RST).
+pub const fn flow_closed(flags: u16) -> bool {
+    flags & CT_RESET != 0
+        || flags & (CT_FIN_FROM_CLIENT | CT_FIN_FROM_BACKEND)
+            == (CT_FIN_FROM_CLIENT | CT_FIN_FROM_BACKEND)
+}
 
 /// The source given to a pod's flow that a Service sent back to the pod itself (hairpin): a pod
 /// drops packets that carry its own address as source, so it sees this link-local address
 /// (Cilium's choice, 169.254.42.1) and replies to it through the node. Network byte order.
 pub const HAIRPIN_ADDRESS: u32 = u32::from_ne_bytes([169, 254, 42, 1]);
 
-/// Source ports given to SNATed flows: above Linux's default ephemeral range (32768-60999), so
-/// they never collide with the node's own connections, and outside the nodePort range.
-pub const SNAT_PORT_FIRST: u16 = 61_000;
-pub const SNAT_PORT_COUNT: u16 = 4_536;
+/// Source ports given to SNATed flows, 1024-29999: below Linux's default ephemeral range
+/// (32768-60999), so they never collide with the node's own connections, and below Kubernetes'
+/// default nodePort range (30000-32767), which a reply's destination must never look like (the
+/// agent refuses a `--node-port-range` that overlaps it). The widest such range: a backend can
+/// hold 28,976 flows from one node at once.
+pub const SNAT_PORT_FIRST: u16 = 1_024;
+pub const SNAT_PORT_COUNT: u16 = 28_976;
 
 /// The one entry (index 0) of the `NODE_V4` array: what the kernel side knows about its node.
 #[repr(C)]
@@ -164,7 +181,9 @@ pub struct NodeV4 {
     /// The address SNATed flows leave with (the first `--node-ip`); 0 = none configured, and
     /// external traffic that would need SNAT is dropped.
     pub snat_address: u32,
-    pub _pad: u32,
+    /// The number of possible CPUs: SNAT ports are split between them (port offset modulo
+    /// `cpus` = the CPU), so that two CPUs never claim or take over the same port at once.
+    pub cpus: u32,
     /// The cookie of the node's network namespace (the agent's own): the socket hooks serve only
     /// sockets of this namespace, since a cgroup can hold processes of other namespaces (pods,
     /// another node's agent) whose addresses mean something else. 0 = not written yet.

@@ -7,13 +7,20 @@
 //! other when a packet finds it missing, so a live flow never loses its translation; and for a
 //! SNATed flow, a reverse entry that another flow claimed in the meantime (its port looked free)
 //! is detected, so that two flows never share one (backend, node port) tuple.
+//!
+//! The reverse entry also records how a TCP connection ends (FIN from either side, RST): the
+//! SNAT port of a closed flow may be given to a new one (see `service::claim_snat_port`).
 
 use aya_ebpf::bindings::BPF_NOEXIST;
 use service_common::{
-    BackendV4, CT_FORWARD, CT_REVERSE, CT_SNAT, ConntrackEntryV4, ConntrackKeyV4, RevNatV4,
+    BackendV4, CT_FIN_FROM_CLIENT, CT_FORWARD, CT_RESET, CT_REVERSE, CT_SNAT, ConntrackEntryV4,
+    ConntrackKeyV4, RevNatV4,
 };
 
-use crate::{maps::CONNTRACK_V4, packet::Ipv4Flow};
+use crate::{
+    maps::CONNTRACK_V4,
+    packet::{Ipv4Flow, TCP_FIN, TCP_RST},
+};
 
 /// The key a packet is looked up by: `CT_FORWARD` for a client's packet, `CT_REVERSE` for a
 /// backend's.
@@ -76,15 +83,38 @@ pub fn restore_reverse(
     forward: &ConntrackEntryV4,
 ) -> bool {
     let (key, entry) = reverse_of(request, backend, forward);
-    // SAFETY: map values are plain data; a concurrent update can at worst give a stale value.
-    match unsafe { CONNTRACK_V4.get(key) } {
-        Some(found) => found.nat_address == entry.nat_address && found.nat_port == entry.nat_port,
+    match CONNTRACK_V4.get_ptr_mut(key) {
+        Some(found) => {
+            // SAFETY: a map value; a concurrent update can at worst give a stale value.
+            let found = unsafe { &mut *found };
+            let ours = found.nat_address == entry.nat_address && found.nat_port == entry.nat_port;
+            if ours {
+                note_close(found, request, CT_FIN_FROM_CLIENT);
+            }
+            ours
+        }
         None => {
             // Looked up first: an LRU insert takes a free node (evicting) even when the key exists.
             // Losing a race here means another CPU restored the same entry.
             let _ = CONNTRACK_V4.insert(key, entry, u64::from(BPF_NOEXIST));
             true
         }
+    }
+}
+
+/// Records in `reverse` (a flow's reverse entry) that `packet` carries a TCP FIN (as `fin`) or
+/// a RST. A flag lost to a concurrent write only delays the port's reuse until LRU eviction.
+#[inline(always)]
+pub fn note_close(reverse: &mut ConntrackEntryV4, packet: &Ipv4Flow, fin: u16) {
+    let mut closing = 0;
+    if packet.tcp_flags & TCP_FIN != 0 {
+        closing |= fin;
+    }
+    if packet.tcp_flags & TCP_RST != 0 {
+        closing |= CT_RESET;
+    }
+    if closing != 0 && reverse.flags & closing != closing {
+        reverse.flags |= closing;
     }
 }
 
@@ -120,7 +150,7 @@ pub fn restore_forward(reply: &Ipv4Flow, reverse: &ConntrackEntryV4, frontend: &
         rev_nat_id: reverse.rev_nat_id,
         nat_address: if snat { reply.dst_address } else { 0 },
         nat_port: if snat { reply.dst_port } else { 0 },
-        flags: reverse.flags,
+        flags: reverse.flags & CT_SNAT,
     };
     let _ = CONNTRACK_V4.insert(key, entry, u64::from(BPF_NOEXIST));
 }

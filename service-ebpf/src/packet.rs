@@ -24,9 +24,17 @@ pub struct Ipv4Flow {
     pub src_port: u16,
     pub dst_port: u16,
     pub protocol: u8,
+    /// TCP's flags byte (FIN, SYN, RST, ...); 0 for UDP.
+    pub tcp_flags: u8,
     /// Offset of the L4 header: the IPv4 header may carry options.
     pub l4_offset: usize,
 }
+
+/// TCP flags, in [`Ipv4Flow::tcp_flags`].
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_RST: u8 = 0x04;
+/// Where the flags byte sits in the TCP header.
+const TCP_FLAGS: usize = 13;
 
 pub const IPV4_OFFSET: usize = EthHdr::LEN;
 /// Offsets inside the IPv4 header.
@@ -109,12 +117,18 @@ pub fn parse(ctx: &impl Frame) -> Option<Ipv4Flow> {
         return None;
     }
     let ports: [u16; 2] = ctx.read(l4_offset)?;
+    let tcp_flags = if ip.proto == IPPROTO_TCP {
+        ctx.read(l4_offset + TCP_FLAGS)?
+    } else {
+        0
+    };
     Some(Ipv4Flow {
         src_address: u32::from_ne_bytes(ip.src_addr),
         dst_address: u32::from_ne_bytes(ip.dst_addr),
         src_port: ports[0],
         dst_port: ports[1],
         protocol: ip.proto,
+        tcp_flags,
         l4_offset,
     })
 }

@@ -5,7 +5,7 @@ use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     programs::TcContext,
 };
-use service_common::{CT_REVERSE, CT_SNAT, ConntrackEntryV4, RevNatV4};
+use service_common::{CT_FIN_FROM_BACKEND, CT_REVERSE, CT_SNAT, ConntrackEntryV4, RevNatV4};
 
 use crate::{
     conntrack,
@@ -18,8 +18,10 @@ use crate::{
 #[inline(always)]
 pub fn lookup(flow: &Ipv4Flow) -> Option<(ConntrackEntryV4, RevNatV4)> {
     let reverse_key = conntrack::key_of(flow, CT_REVERSE);
-    // SAFETY: map values are plain data; a concurrent update can at worst give a stale value.
-    let entry = unsafe { CONNTRACK_V4.get(reverse_key) }.copied()?;
+    // SAFETY: a map value; a concurrent update can at worst give a stale value.
+    let entry = unsafe { &mut *CONNTRACK_V4.get_ptr_mut(reverse_key)? };
+    conntrack::note_close(entry, flow, CT_FIN_FROM_BACKEND);
+    let entry = *entry;
     // The frontend is gone (service deleted): nothing to translate to.
     let frontend = unsafe { REV_NAT_V4.get(entry.rev_nat_id) }.copied()?;
     conntrack::restore_forward(flow, &entry, &frontend);

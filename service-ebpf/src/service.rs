@@ -2,14 +2,14 @@
 //! among the frontend's slots and record the flow, then rewrite.
 
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
-    helpers::bpf_get_prandom_u32,
+    bindings::{BPF_EXIST, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
+    helpers::{bpf_get_prandom_u32, bpf_get_smp_processor_id},
     programs::TcContext,
 };
 use service_common::{
     BackendV4, CT_FORWARD, CT_SNAT, ConntrackEntryV4, ConntrackKeyV4, HAIRPIN_ADDRESS,
     SCOPE_DEFAULT, SERVICE_LOCAL, SERVICE_REMOTE_ENDPOINTS_ONLY, SNAT_PORT_COUNT, SNAT_PORT_FIRST,
-    ServiceEntry, ServiceKeyV4,
+    ServiceEntry, ServiceKeyV4, flow_closed,
 };
 
 use crate::{
@@ -21,9 +21,9 @@ use crate::{
 };
 
 /// How many random source ports a new SNATed flow tries before it gives up (Cilium's
-/// SNAT_COLLISION_RETRIES is of the same order): with 4,536 ports per backend the chance that
-/// all of them are taken stays negligible until a single backend holds thousands of flows from
-/// this node.
+/// SNAT_COLLISION_RETRIES is of the same order): with some 14,000 ports per CPU and backend, and
+/// closed flows' ports free again, the chance that all probes hit live flows stays negligible
+/// until a single backend holds most of its ports' worth of live flows from this node.
 const SNAT_PROBES: u32 = 16;
 
 /// What becomes of a packet to a frontend.
@@ -144,16 +144,12 @@ fn new_flow(
         forward.nat_address = HAIRPIN_ADDRESS;
         forward.nat_port = flow.src_port;
     } else if node_snat {
-        let Some(snat_address) = NODE_V4
-            .get(0)
-            .map(|node| node.snat_address)
-            .filter(|address| *address != 0)
-        else {
+        let Some(node) = NODE_V4.get(0).filter(|node| node.snat_address != 0) else {
             return Decision::Drop;
         };
         forward.flags = CT_SNAT;
-        forward.nat_address = snat_address;
-        let Some(port) = claim_snat_port(flow, &backend, &mut forward) else {
+        forward.nat_address = node.snat_address;
+        let Some(port) = claim_snat_port(flow, &backend, &mut forward, node.cpus) else {
             return Decision::Drop;
         };
         forward.nat_port = port;
@@ -198,22 +194,42 @@ fn record_forward(
     }
 }
 
-/// Finds a source port for a SNATed flow that no other flow to the same backend uses, by
-/// claiming its reverse entry with BPF_NOEXIST: whoever inserts first owns the port, so two
-/// clients racing on two CPUs never share a tuple. Returns the port in network byte order.
+/// Finds a source port for a SNATed flow that no live flow to the same backend uses, and claims
+/// it by writing the flow's reverse entry. A port is free when no entry holds it (the insert
+/// with BPF_NOEXIST succeeds) or when the entry's TCP connection has closed (FIN both ways, or
+/// RST), as netfilter reuses the tuples of connections in TIME_WAIT. Each CPU probes only its
+/// own ports (offset modulo `cpus`), so two CPUs never race for one: the check and the takeover
+/// of a closed flow's port need no atomic operation. Returns the port in network byte order.
 #[inline(always)]
 fn claim_snat_port(
     flow: &Ipv4Flow,
     backend: &BackendV4,
     forward: &mut ConntrackEntryV4,
+    cpus: u32,
 ) -> Option<u16> {
+    let cpus = cpus.max(1);
+    let cpu = unsafe { bpf_get_smp_processor_id() } % cpus;
+    let ports_per_cpu = u32::from(SNAT_PORT_COUNT) / cpus;
+    if ports_per_cpu == 0 {
+        return None;
+    }
     for _ in 0..SNAT_PROBES {
-        let offset = (unsafe { bpf_get_prandom_u32() } % u32::from(SNAT_PORT_COUNT)) as u16;
-        forward.nat_port = (SNAT_PORT_FIRST + offset).to_be();
+        let offset = cpu + cpus * (unsafe { bpf_get_prandom_u32() } % ports_per_cpu);
+        forward.nat_port = (SNAT_PORT_FIRST + offset as u16).to_be();
         let (reverse_key, reverse) = conntrack::reverse_of(flow, backend, forward);
         if CONNTRACK_V4
             .insert(reverse_key, reverse, u64::from(BPF_NOEXIST))
             .is_ok()
+        {
+            return Some(forward.nat_port);
+        }
+        // SAFETY: map values are plain data; a concurrent update can at worst give a stale value.
+        let closed = unsafe { CONNTRACK_V4.get(reverse_key) }
+            .is_some_and(|holder| flow_closed(holder.flags));
+        if closed
+            && CONNTRACK_V4
+                .insert(reverse_key, reverse, u64::from(BPF_EXIST))
+                .is_ok()
         {
             return Some(forward.nat_port);
         }

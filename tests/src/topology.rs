@@ -114,6 +114,66 @@ impl Topology {
         Ok(pod)
     }
 
+    /// Adds a client outside the cluster on a link of its own to the node, as a router's would
+    /// be: the node side `link` gets `node_ip`/24, the client `client_ip`/24 and its default
+    /// route through the node. Like the LAN of several nodes (see `lan`), the link behaves like
+    /// a wire: the client computes its checksums, and its end has GRO on so that frames the
+    /// node's XDP program sends it are taken.
+    pub fn add_external_client(
+        &self,
+        name: &str,
+        client_ip: Ipv4Addr,
+        node_ip: Ipv4Addr,
+        link: &str,
+    ) -> Result<Pod> {
+        let netns = NetNs::create(&self.run.netns_name(name))?;
+        let client = Pod {
+            name: name.to_string(),
+            ip: client_ip,
+            netns: netns.name().to_string(),
+            node_link: link.to_string(),
+            node_name: String::new(),
+        };
+        lock(&self.pods).push(netns);
+        let (node, ns) = (self.node.name(), client.netns.as_str());
+        ip(&[
+            "-n", node, "link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", ns,
+        ])?;
+        ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{client_ip}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+        ip(&[
+            "-n",
+            ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &node_ip.to_string(),
+        ])?;
+        ip(&[
+            "netns", "exec", ns, "ethtool", "-K", "eth0", "tx", "off", "gro", "on",
+        ])?;
+        ip(&[
+            "-n",
+            node,
+            "addr",
+            "add",
+            &format!("{node_ip}/24"),
+            "dev",
+            link,
+        ])?;
+        ip(&["-n", node, "link", "set", link, "up"])?;
+        Ok(client)
+    }
+
     fn wire_pod(&self, name: &str, address: Ipv4Addr) -> Result<Pod> {
         let netns = NetNs::create(&self.run.netns_name(name))?;
         let pod = Pod {

@@ -9,8 +9,9 @@ use std::{collections::BTreeSet, net::Ipv4Addr, ops::RangeInclusive, time::Syste
 
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
 use packets::{
-    Icmp, Packet, TCP, UDP, assert_checksums_valid, assert_icmp_checksums_valid,
-    assert_icmp_error_checksums_valid, flow_of, icmp_frame, icmp_port_unreachable,
+    Icmp, Packet, TCP, TCP_FIN_ACK, TCP_RST, UDP, assert_checksums_valid,
+    assert_icmp_checksums_valid, assert_icmp_error_checksums_valid, flow_of, icmp_frame,
+    icmp_port_unreachable,
 };
 use service_agent::{
     dataplane::{Dataplane, EXTERNAL_INGRESS_PROGRAM, POD_INGRESS_PROGRAM},
@@ -21,7 +22,8 @@ use service_agent::{
     sync::Syncer,
 };
 use service_common::{
-    CT_FORWARD, CT_REVERSE, ConntrackEntryV4, ConntrackKeyV4, SNAT_PORT_COUNT, SNAT_PORT_FIRST,
+    CT_FORWARD, CT_RESET, CT_REVERSE, CT_SNAT, ConntrackEntryV4, ConntrackKeyV4, SNAT_PORT_COUNT,
+    SNAT_PORT_FIRST, flow_closed,
 };
 
 const TC_ACT_OK: u32 = 0;
@@ -749,6 +751,109 @@ fn a_reply_restores_an_evicted_forward_entry() {
     );
     for _ in 0..8 {
         assert_eq!(fx.backend_of(&request), chosen);
+    }
+}
+
+// A SNATed flow whose TCP connection is over (FIN both ways, or RST) gives its port back at
+// once: at a high connection rate the ports would otherwise run out long before LRU eviction
+// frees them. A live flow's port is never given to another. Each CPU claims only its share of
+// the ports (offset modulo the CPU count); the test runs on CPU 0 and fills CPU 0's share.
+#[test]
+fn the_snat_ports_of_closed_flows_are_reused_and_those_of_live_ones_never() {
+    let Some(mut fx) = Fixture::serving(
+        node_a(),
+        [node_port_service(TrafficPolicy::Cluster, &endpoints(&[2]))],
+    ) else {
+        return;
+    };
+    run_on_cpu_0();
+    let cpus = fx.dataplane.maps.node.get(&0, 0).expect("NODE_V4").cpus;
+    let request = Packet::new(TCP, EXTERNAL_CLIENT, NODE_PORT_FRONTEND);
+    let (chosen, snat_port) = fx.backend_and_snat_port_of(EXTERNAL, &request);
+    assert_eq!(
+        u32::from(snat_port - SNAT_PORT_FIRST) % cpus,
+        0,
+        "CPU 0 claimed a port outside its share"
+    );
+
+    // The flow closes: the client's FIN, the backend's FIN.
+    let reply = Packet::new(TCP, chosen, (NODE_IP, snat_port));
+    fx.assert_translated(
+        EXTERNAL,
+        &request.with_tcp_flags(TCP_FIN_ACK),
+        &request
+            .with_tcp_flags(TCP_FIN_ACK)
+            .with_src((NODE_IP, snat_port))
+            .with_dst(chosen),
+    );
+    fx.assert_translated(
+        EXTERNAL,
+        &reply.with_tcp_flags(TCP_FIN_ACK),
+        &Packet::new(TCP, NODE_PORT_FRONTEND, EXTERNAL_CLIENT).with_tcp_flags(TCP_FIN_ACK),
+    );
+    let closed = fx
+        .dataplane
+        .maps
+        .conntrack
+        .get(&conntrack_key(&reply, CT_REVERSE), 0)
+        .expect("the closed flow's reverse entry");
+    assert!(
+        flow_closed(closed.flags),
+        "both FINs must be recorded: flags {:#x}",
+        closed.flags
+    );
+
+    // Random probes would seldom find one free port among thousands, so the share is filled
+    // whole: with live flows of another client, a new flow finds nothing and is dropped; with
+    // flows that were reset, it takes one over.
+    let live = ConntrackEntryV4 {
+        nat_address: u32::from_ne_bytes([192, 168, 100, 11]),
+        flags: CT_SNAT,
+        ..closed
+    };
+    for offset in (0..u32::from(SNAT_PORT_COUNT)).step_by(cpus as usize) {
+        let holder = Packet::new(TCP, chosen, (NODE_IP, SNAT_PORT_FIRST + offset as u16));
+        fx.dataplane
+            .maps
+            .conntrack
+            .insert(conntrack_key(&holder, CT_REVERSE), live, 0)
+            .expect("a live flow's reverse entry");
+    }
+    let newcomer = Packet::new(TCP, (EXTERNAL_CLIENT.0, 40001), NODE_PORT_FRONTEND);
+    fx.assert_dropped(EXTERNAL, &newcomer);
+
+    let reset = ConntrackEntryV4 {
+        flags: CT_SNAT | CT_RESET,
+        ..live
+    };
+    for offset in (0..u32::from(SNAT_PORT_COUNT)).step_by(cpus as usize) {
+        let holder = Packet::new(TCP, chosen, (NODE_IP, SNAT_PORT_FIRST + offset as u16));
+        fx.dataplane
+            .maps
+            .conntrack
+            .insert(conntrack_key(&holder, CT_REVERSE), reset, 0)
+            .expect("a reset flow's reverse entry");
+    }
+    let newcomer = Packet::new(TCP, (EXTERNAL_CLIENT.0, 40002), NODE_PORT_FRONTEND);
+    let (_, port) = fx.backend_and_snat_port_of(EXTERNAL, &newcomer);
+    fx.assert_translated(
+        EXTERNAL,
+        &Packet::new(TCP, chosen, (NODE_IP, port)).with_tcp_flags(TCP_RST),
+        &Packet::new(TCP, NODE_PORT_FRONTEND, newcomer.src).with_tcp_flags(TCP_RST),
+    );
+}
+
+/// Pins the calling thread to CPU 0: BPF_PROG_TEST_RUN runs the program on the caller's CPU.
+fn run_on_cpu_0() {
+    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET and sched_setaffinity only read it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "sched_setaffinity"
+        );
     }
 }
 

@@ -25,7 +25,14 @@ pub struct Packet {
     pub payload: Vec<u8>,
     /// UDP only: send a zero ("no checksum") checksum.
     pub udp_without_checksum: bool,
+    /// TCP only: the flags byte (SYN by default).
+    pub tcp_flags: u8,
 }
+
+/// TCP flags for [`Packet::tcp_flags`].
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_FIN_ACK: u8 = 0x11;
+pub const TCP_RST: u8 = 0x04;
 
 impl Packet {
     pub fn new(protocol: u8, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Self {
@@ -37,6 +44,7 @@ impl Packet {
             fragment: 0,
             payload: b"hello".to_vec(),
             udp_without_checksum: false,
+            tcp_flags: TCP_SYN,
         }
     }
 
@@ -54,6 +62,13 @@ impl Packet {
         }
     }
 
+    pub fn with_tcp_flags(&self, tcp_flags: u8) -> Self {
+        Self {
+            tcp_flags,
+            ..self.clone()
+        }
+    }
+
     pub fn bytes(&self) -> Vec<u8> {
         let mut l4 = match self.protocol {
             TCP => {
@@ -62,7 +77,7 @@ impl Packet {
                 h[2..4].copy_from_slice(&self.dst.1.to_be_bytes());
                 h[4..8].copy_from_slice(&1000u32.to_be_bytes()); // seq
                 h[12] = 5 << 4; // data offset
-                h[13] = 0x02; // SYN
+                h[13] = self.tcp_flags;
                 h[14..16].copy_from_slice(&64240u16.to_be_bytes());
                 h
             }

@@ -4,7 +4,9 @@
 //! entries, DNAT), a packet of a known flow (conntrack hit, DNAT), and a reply (reverse NAT).
 //! The measured service is also a NodePort, and `external_ingress` is timed for its two costliest
 //! packets: an outside client's first packet (DNAT plus SNAT to the node with a claimed source
-//! port) and the backend's reply (reverse NAT of both ends).
+//! port) and the backend's reply (reverse NAT of both ends), and so is `external_xdp`, the XDP
+//! program of the same links, for the same two packets (it passes them on: no redirect target
+//! exists in a test run).
 //!
 //! Each packet is its own test run (repeat = 1): with `repeat` the kernel runs the program again
 //! on the packet it has already rewritten, which would measure something else. The kernel times
@@ -36,6 +38,8 @@ pub struct PacketCosts {
     pub reply_ns: f64,
     pub node_port_new_flow_ns: f64,
     pub node_port_reply_ns: f64,
+    pub xdp_node_port_new_flow_ns: f64,
+    pub xdp_node_port_reply_ns: f64,
 }
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 9);
@@ -44,10 +48,30 @@ const FIRST_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 1);
 const NODE_PORT: u16 = 30080;
 const EXTERNAL_CLIENT: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 10);
+/// Another client outside, whose flows go through XDP.
+const XDP_CLIENT: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 11);
 /// Backends are drawn from a pool, as in a cluster where many services select the same pods.
 const BACKEND_POOL: u32 = 30_000;
 const FIRST_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 128, 0, 1);
 const TC_ACT_OK: u32 = 0;
+const XDP_PASS: u32 = 2;
+
+/// Where a packet is run.
+#[derive(Clone, Copy)]
+enum Hook {
+    Tc(&'static str),
+    Xdp,
+}
+
+impl Hook {
+    /// The verdict of a packet the program translated and lets go on.
+    fn translated(self) -> u32 {
+        match self {
+            Hook::Tc(_) => TC_ACT_OK,
+            Hook::Xdp => XDP_PASS,
+        }
+    }
+}
 
 /// One dataplane per size, each programmed with that many services (3 endpoints each); then
 /// `flows` distinct flows to the service in the middle, alternating between the sizes packet by
@@ -84,6 +108,8 @@ pub fn measure(sizes: &[usize], flows: u16) -> Result<Vec<PacketCosts>> {
             reply_ns: median(samples.reply),
             node_port_new_flow_ns: median(samples.node_port_new_flow),
             node_port_reply_ns: median(samples.node_port_reply),
+            xdp_node_port_new_flow_ns: median(samples.xdp_node_port_new_flow),
+            xdp_node_port_reply_ns: median(samples.xdp_node_port_reply),
         })
         .collect())
 }
@@ -96,14 +122,23 @@ struct Samples {
     reply: Vec<f64>,
     node_port_new_flow: Vec<f64>,
     node_port_reply: Vec<f64>,
+    xdp_node_port_new_flow: Vec<f64>,
+    xdp_node_port_reply: Vec<f64>,
 }
 
 impl Samples {
     /// The four kinds of packet for the flow from CLIENT:`port`, and the NodePort pair for the
-    /// flow from EXTERNAL_CLIENT:`port`.
+    /// flows from EXTERNAL_CLIENT:`port` (TC) and XDP_CLIENT:`port` (XDP).
     fn record(&mut self, dataplane: &mut Dataplane, vip: Ipv4Addr, port: u16) -> Result<()> {
         self.record_pod_flow(dataplane, vip, port)?;
-        self.record_node_port_flow(dataplane, port)
+        let tc = Hook::Tc(EXTERNAL_INGRESS_PROGRAM);
+        let (new_flow, reply) = node_port_flow(dataplane, tc, EXTERNAL_CLIENT, port)?;
+        self.node_port_new_flow.push(new_flow);
+        self.node_port_reply.push(reply);
+        let (new_flow, reply) = node_port_flow(dataplane, Hook::Xdp, XDP_CLIENT, port)?;
+        self.xdp_node_port_new_flow.push(new_flow);
+        self.xdp_node_port_reply.push(reply);
+        Ok(())
     }
 
     fn record_pod_flow(
@@ -112,7 +147,7 @@ impl Samples {
         vip: Ipv4Addr,
         port: u16,
     ) -> Result<()> {
-        let mut run = |packet: &Packet| run(dataplane, POD_INGRESS_PROGRAM, packet);
+        let mut run = |packet: &Packet| run(dataplane, Hook::Tc(POD_INGRESS_PROGRAM), packet);
         let elsewhere = Packet::new(TCP, (CLIENT, port), (Ipv4Addr::new(10, 244, 9, 9), 80));
         self.passthrough.push(run(&elsewhere)?.2);
 
@@ -135,44 +170,52 @@ impl Samples {
         self.reply.push(ns);
         Ok(())
     }
+}
 
-    fn record_node_port_flow(&mut self, dataplane: &mut Dataplane, port: u16) -> Result<()> {
-        let mut run = |packet: &Packet| run(dataplane, EXTERNAL_INGRESS_PROGRAM, packet);
-        let request = Packet::new(TCP, (EXTERNAL_CLIENT, port), (NODE_IP, NODE_PORT));
-        let (verdict, out, ns) = run(&request)?;
-        ensure!(
-            verdict == TC_ACT_OK,
-            "a new NodePort flow got verdict {verdict}"
-        );
-        ensure!(
-            out[26..30] == NODE_IP.octets(),
-            "the NodePort flow was not SNATed to the node"
-        );
-        self.node_port_new_flow.push(ns);
-        let backend = Ipv4Addr::new(out[30], out[31], out[32], out[33]);
-        let backend_port = u16::from_be_bytes([out[36], out[37]]);
-        let snat_port = u16::from_be_bytes([out[34], out[35]]);
+/// An outside client's first packet to the nodePort and the backend's reply, through `hook`:
+/// nanoseconds for each.
+fn node_port_flow(
+    dataplane: &mut Dataplane,
+    hook: Hook,
+    client: Ipv4Addr,
+    port: u16,
+) -> Result<(f64, f64)> {
+    let request = Packet::new(TCP, (client, port), (NODE_IP, NODE_PORT));
+    let (verdict, out, new_flow_ns) = run(dataplane, hook, &request)?;
+    ensure!(
+        verdict == hook.translated(),
+        "a new NodePort flow got verdict {verdict}"
+    );
+    ensure!(
+        out[26..30] == NODE_IP.octets(),
+        "the NodePort flow was not SNATed to the node"
+    );
+    let backend = Ipv4Addr::new(out[30], out[31], out[32], out[33]);
+    let backend_port = u16::from_be_bytes([out[36], out[37]]);
+    let snat_port = u16::from_be_bytes([out[34], out[35]]);
 
-        let answer = Packet::new(TCP, (backend, backend_port), (NODE_IP, snat_port));
-        let (_, out, ns) = run(&answer)?;
-        ensure!(
-            out[30..34] == EXTERNAL_CLIENT.octets(),
-            "the NodePort reply was not translated back to the client"
-        );
-        self.node_port_reply.push(ns);
-        Ok(())
-    }
+    let answer = Packet::new(TCP, (backend, backend_port), (NODE_IP, snat_port));
+    let (_, out, reply_ns) = run(dataplane, hook, &answer)?;
+    ensure!(
+        out[30..34] == client.octets(),
+        "the NodePort reply was not translated back to the client"
+    );
+    Ok((new_flow_ns, reply_ns))
 }
 
 /// Runs one packet through a program: its verdict, the output frame and the nanoseconds taken.
-fn run(dataplane: &mut Dataplane, program: &str, packet: &Packet) -> Result<(u32, Vec<u8>, f64)> {
+fn run(dataplane: &mut Dataplane, hook: Hook, packet: &Packet) -> Result<(u32, Vec<u8>, f64)> {
     let frame = packet.bytes();
     let mut out = vec![0u8; frame.len() + 64];
-    let result = dataplane.tc_program(program).test_run(TestRunOptions {
+    let options = TestRunOptions {
         data_in: Some(&frame),
         data_out: Some(&mut out),
         ..TestRunOptions::default()
-    })?;
+    };
+    let result = match hook {
+        Hook::Tc(program) => dataplane.tc_program(program).test_run(options)?,
+        Hook::Xdp => dataplane.xdp_program().0.test_run(options)?,
+    };
     out.truncate(result.data_size_out as usize);
     Ok((result.return_value, out, result.duration.as_nanos() as f64))
 }

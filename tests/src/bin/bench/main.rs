@@ -25,7 +25,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use integration_tests::{agent::Agent, manifest::ManifestDir, privileged};
+use integration_tests::{manifest::ManifestDir, privileged};
 
 use crate::{
     modes::{Bed, Mode},
@@ -182,7 +182,7 @@ fn measure_size(services: usize, plan: &Plan) -> Result<BTreeMap<Mode, ModeRuns>
         .find(|bed| bed.mode == Mode::Agent)
         .context("no agent bed")?;
     let manifests = ManifestDir::create(&agent_bed.topology)?;
-    let agent = Agent::start(&agent_bed.topology, &[manifests.path()])?;
+    let agent = agent_bed.start_agent(&manifests)?;
 
     let mut runs: BTreeMap<Mode, ModeRuns> = BTreeMap::new();
     let mut measured = Vec::new();
@@ -209,7 +209,7 @@ fn measure_size(services: usize, plan: &Plan) -> Result<BTreeMap<Mode, ModeRuns>
     // what the API-server source will see.
     agent.stop()?;
     manifests.remove("services.yaml")?;
-    let agent = Agent::start(&agent_bed.topology, &[manifests.path()])?;
+    let agent = agent_bed.start_agent(&manifests)?;
     let started = modes::hand_over(
         agent_bed,
         &set,
@@ -237,12 +237,25 @@ fn measure_size(services: usize, plan: &Plan) -> Result<BTreeMap<Mode, ModeRuns>
             let udp =
                 load::udp_request_response(&bed.client.netns, &bed.udp_targets(&set), plan.run)
                     .with_context(|| format!("UDP load through {}", bed.mode))?;
+            bed.flush_conntrack(agent)?;
+            let node_port = load::tcp_connections(
+                &bed.external_client.netns,
+                &bed.node_port_targets(),
+                plan.run,
+            )
+            .with_context(|| format!("NodePort load through {}", bed.mode))?;
             eprintln!(
-                "  round {round} {}: {:.0} conn/s ({} errors), {:.0} UDP req/s",
-                bed.mode, tcp.per_second, tcp.errors, udp.per_second
+                "  round {round} {}: {:.0} conn/s ({} errors), {:.0} UDP req/s, NodePort {:.0} conn/s ({} errors)",
+                bed.mode,
+                tcp.per_second,
+                tcp.errors,
+                udp.per_second,
+                node_port.per_second,
+                node_port.errors
             );
             entry.tcp.push(tcp);
             entry.udp.push(udp);
+            entry.node_port.push(node_port);
         }
     }
     agent.stop()?;
@@ -260,7 +273,10 @@ fn check_every_mode_measured(results: &Results) -> Result<()> {
             if summary.programming.gave_up_after.is_some() {
                 continue;
             }
-            if summary.tcp.per_second <= 0.0 || summary.udp.per_second <= 0.0 {
+            if summary.tcp.per_second <= 0.0
+                || summary.udp.per_second <= 0.0
+                || summary.node_port.per_second <= 0.0
+            {
                 bail!("{mode} answered nothing at {services} services");
             }
         }

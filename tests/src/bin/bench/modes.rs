@@ -26,7 +26,9 @@ use service_common::{CONNTRACK_V4_MAP, ConntrackEntryV4, ConntrackKeyV4, PIN_LAY
 
 use crate::{
     nginx::Nginx,
-    services::{HTTP_PORT, HTTP_TARGET_PORT, ServiceSet, UDP_PORT, UDP_TARGET_PORT},
+    services::{
+        HTTP_NODE_PORT, HTTP_PORT, HTTP_TARGET_PORT, ServiceSet, UDP_PORT, UDP_TARGET_PORT,
+    },
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -65,6 +67,10 @@ const BACKEND_IPS: [Ipv4Addr; 3] = [
     Ipv4Addr::new(10, 244, 0, 13),
 ];
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 10);
+/// The node's address on its link to the client outside the cluster, where nodePorts answer.
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 1);
+const EXTERNAL_CLIENT_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 10);
+const EXTERNAL_LINK: &str = "ext0";
 /// How long programming may take before the bench gives up on a mode (nft takes minutes at
 /// 10,000 services and grows faster than linearly: it is not waited for at 50,000).
 const PROGRAMMING_TIMEOUT: Duration = Duration::from_secs(300);
@@ -73,6 +79,7 @@ pub fn service_set(count: usize) -> ServiceSet {
     ServiceSet {
         count,
         backends: BACKEND_IPS,
+        node_ip: NODE_IP,
     }
 }
 
@@ -82,6 +89,8 @@ pub struct Bed {
     // Held to keep nginx running; dropped before the topology, while its namespaces exist.
     _nginx: Vec<Nginx>,
     pub client: Pod,
+    /// A client outside the cluster, on the node's external link.
+    pub external_client: Pod,
     pub topology: Topology,
 }
 
@@ -89,9 +98,13 @@ impl Bed {
     pub fn new(mode: Mode) -> Result<Self> {
         let topology = Topology::new()?;
         let client = topology.add_pod("client", CLIENT_IP)?;
+        let external_client =
+            topology.add_external_client("outside", EXTERNAL_CLIENT_IP, NODE_IP, EXTERNAL_LINK)?;
         // Hygiene for a connection-per-request load: every ephemeral port, and TIME_WAIT reuse.
-        sysctl(&client, "net/ipv4/ip_local_port_range", "1024 65535")?;
-        sysctl(&client, "net/ipv4/tcp_tw_reuse", "1")?;
+        for client in [&client, &external_client] {
+            sysctl(client, "net/ipv4/ip_local_port_range", "1024 65535")?;
+            sysctl(client, "net/ipv4/tcp_tw_reuse", "1")?;
+        }
         let mut nginx = Vec::new();
         for (index, ip) in BACKEND_IPS.into_iter().enumerate() {
             let pod = topology.add_backend_pod(&format!("backend-{index}"), ip)?;
@@ -101,6 +114,7 @@ impl Bed {
             mode,
             _nginx: nginx,
             client,
+            external_client,
             topology,
         })
     }
@@ -113,6 +127,27 @@ impl Bed {
                 .to_vec(),
             _ => vec![SocketAddrV4::new(set.measured_ip(), HTTP_PORT); 3],
         }
+    }
+
+    /// Where the load from outside goes: the node's nodePort, or for the base mode each backend
+    /// pod itself (routed by the node).
+    pub fn node_port_targets(&self) -> Vec<SocketAddrV4> {
+        match self.mode {
+            Mode::Base => BACKEND_IPS
+                .map(|ip| SocketAddrV4::new(ip, HTTP_TARGET_PORT))
+                .to_vec(),
+            _ => vec![SocketAddrV4::new(NODE_IP, HTTP_NODE_PORT); 3],
+        }
+    }
+
+    /// Starts the agent on this bed's node, serving its external link as well.
+    pub fn start_agent<'b>(&'b self, manifests: &ManifestDir) -> Result<Agent<'b>> {
+        let node_ip = NODE_IP.to_string();
+        Agent::start_with(
+            &self.topology,
+            &[manifests.path()],
+            &["--external-interface", EXTERNAL_LINK, "--node-ip", &node_ip],
+        )
     }
 
     pub fn udp_targets(&self, set: &ServiceSet) -> Vec<SocketAddrV4> {

@@ -18,6 +18,8 @@ use crate::{
 pub struct ModeRuns {
     pub tcp: Vec<LoadFigures>,
     pub udp: Vec<LoadFigures>,
+    /// TCP connections from outside the cluster through the nodePort.
+    pub node_port: Vec<LoadFigures>,
     pub programming: Programming,
 }
 
@@ -26,6 +28,7 @@ pub struct ModeRuns {
 pub struct Summary {
     pub tcp: LoadFigures,
     pub udp: LoadFigures,
+    pub node_port: LoadFigures,
     pub programming: Programming,
 }
 
@@ -40,6 +43,7 @@ impl ModeRuns {
         Summary {
             tcp: merge(&self.tcp),
             udp: merge(&self.udp),
+            node_port: merge(&self.node_port),
             programming: self.programming,
         }
     }
@@ -80,6 +84,14 @@ pub fn markdown(results: &Results, kernel: &[PacketCosts], context: &RunDescript
         ("req/s", "unanswered"),
         results,
         |summary| summary.udp,
+    );
+    load_table(
+        &mut out,
+        "NodePort from outside the cluster: new TCP connections per second (one HTTP request each; \
+         base: the client reaches the pods through the node's routing)",
+        ("conn/s", "errors"),
+        results,
+        |summary| summary.node_port,
     );
 
     writeln!(
@@ -129,20 +141,22 @@ pub fn markdown(results: &Results, kernel: &[PacketCosts], context: &RunDescript
         .unwrap();
         writeln!(
             out,
-            "| services | not a service | new flow (conntrack miss) | known flow (conntrack hit) | reply (reverse NAT) | NodePort new flow (DNAT + SNAT) | NodePort reply |\n|---:|---:|---:|---:|---:|---:|---:|"
+            "| services | not a service | new flow (conntrack miss) | known flow (conntrack hit) | reply (reverse NAT) | NodePort new flow (DNAT + SNAT) | NodePort reply | NodePort new flow, XDP | NodePort reply, XDP |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         )
         .unwrap();
         for costs in kernel {
             writeln!(
                 out,
-                "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
+                "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
                 costs.services,
                 costs.passthrough_ns,
                 costs.new_flow_ns,
                 costs.established_ns,
                 costs.reply_ns,
                 costs.node_port_new_flow_ns,
-                costs.node_port_reply_ns
+                costs.node_port_reply_ns,
+                costs.xdp_node_port_new_flow_ns,
+                costs.xdp_node_port_reply_ns
             )
             .unwrap();
         }
@@ -150,7 +164,7 @@ pub fn markdown(results: &Results, kernel: &[PacketCosts], context: &RunDescript
             let change = |a: f64, b: f64| format!("{:+.1}%", (b / a - 1.0) * 100.0);
             writeln!(
                 out,
-                "\nFrom {} to {} services: not a service {}, new flow {}, known flow {}, reply {}, NodePort new flow {}, NodePort reply {}.",
+                "\nFrom {} to {} services: not a service {}, new flow {}, known flow {}, reply {}, NodePort new flow {}, NodePort reply {}, XDP new flow {}, XDP reply {}.",
                 first.services,
                 last.services,
                 change(first.passthrough_ns, last.passthrough_ns),
@@ -158,7 +172,9 @@ pub fn markdown(results: &Results, kernel: &[PacketCosts], context: &RunDescript
                 change(first.established_ns, last.established_ns),
                 change(first.reply_ns, last.reply_ns),
                 change(first.node_port_new_flow_ns, last.node_port_new_flow_ns),
-                change(first.node_port_reply_ns, last.node_port_reply_ns)
+                change(first.node_port_reply_ns, last.node_port_reply_ns),
+                change(first.xdp_node_port_new_flow_ns, last.xdp_node_port_new_flow_ns),
+                change(first.xdp_node_port_reply_ns, last.xdp_node_port_reply_ns)
             )
             .unwrap();
         }
@@ -209,7 +225,11 @@ Each mode has its own node namespace with a client pod and three backend pods (n
 one worker, answering a small 200; and a UDP echo server), identical in shape, so that netfilter
 conntrack switched on by kube-proxy's rules in one node costs nothing in the others. For N
 services, each has 3 endpoints and one TCP port; the measured one sits in the middle of the set
-and is the only one whose endpoints exist (it also has a UDP port).
+and is the only one whose endpoints exist (it also has a UDP port, and is of type NodePort). A
+second client sits outside the cluster on a link of its own to the node (the node's external
+interface, 192.168.100.1) for the NodePort figures: policy Cluster, so the node DNATs to a pod and
+SNATs to its own address (kube-proxy: KUBE-NODEPORTS / `service-nodeports`, KUBE-EXT-* marking
+for masquerade; the agent: its XDP program in native mode on that link, then TC for the replies).
 
 - **base**: no service; the load goes straight to the three pod IPs (the routing limit).
 - **kube-proxy iptables**: kube-proxy's iptables-mode rule shape (KUBE-SERVICES, KUBE-SVC-* with

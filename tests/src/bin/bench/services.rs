@@ -5,7 +5,9 @@
 //! Each service has one TCP port (80 -> 8000). The measured service sits in the middle of the set
 //! (so iptables' linear KUBE-SERVICES scan passes half the rules before it) and is the only one
 //! whose endpoints exist: the three nginx pods of the topology. It also has a UDP port (53 ->
-//! 5353) for the UDP figures. The other services' endpoints are addresses nobody answers on.
+//! 5353) for the UDP figures, and it is of type NodePort (30080 for TCP, 30053 for UDP) for the
+//! figures from outside the cluster. The other services' endpoints are addresses nobody answers
+//! on.
 
 use std::{fmt::Write, net::Ipv4Addr};
 
@@ -17,6 +19,9 @@ pub const HTTP_PORT: u16 = 80;
 pub const UDP_PORT: u16 = 53;
 /// Where the backend pods' UDP server listens (the harness's [`integration_tests::servers`]).
 pub const UDP_TARGET_PORT: u16 = integration_tests::servers::UDP_PORT;
+/// The measured service's nodePorts.
+pub const HTTP_NODE_PORT: u16 = 30080;
+pub const UDP_NODE_PORT: u16 = 30053;
 
 const FIRST_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 /// Endpoints of the services that are not measured: never routed, never answered.
@@ -26,6 +31,8 @@ pub struct ServiceSet {
     pub count: usize,
     /// The addresses of the measured service's endpoints (the topology's backend pods).
     pub backends: [Ipv4Addr; 3],
+    /// The node's address, where nodePorts answer.
+    pub node_ip: Ipv4Addr,
 }
 
 struct ServiceSpec {
@@ -33,8 +40,8 @@ struct ServiceSpec {
     name: String,
     cluster_ip: Ipv4Addr,
     endpoints: [Ipv4Addr; 3],
-    /// Only the measured service has the UDP port.
-    udp: bool,
+    /// Only the measured service has the UDP port and is a NodePort service.
+    measured: bool,
 }
 
 impl ServiceSet {
@@ -59,7 +66,7 @@ impl ServiceSet {
                 name: format!("svc-{index}"),
                 cluster_ip: offset(FIRST_CLUSTER_IP, index),
                 endpoints,
-                udp: measured,
+                measured,
             }
         })
     }
@@ -72,15 +79,27 @@ impl ServiceSet {
         let mut nat_chains = String::new();
         let mut nat_rules = String::new();
         for spec in self.specs() {
-            let mut ports = vec![("http", "tcp", HTTP_PORT, HTTP_TARGET_PORT)];
-            if spec.udp {
-                ports.push(("dns", "udp", UDP_PORT, UDP_TARGET_PORT));
-            }
-            for (port_name, proto, port, target) in ports {
+            for (port_name, proto, port, target, node_port) in spec.ports() {
                 let id = format!("{}/{}:{port_name}", spec.namespace, spec.name);
                 let svc_chain = format!("KUBE-SVC-{}", chain_hash(&id));
                 let vip = spec.cluster_ip;
                 writeln!(nat_chains, ":{svc_chain} - [0:0]").unwrap();
+                if let Some(node_port) = node_port {
+                    // Traffic to a nodePort is always masqueraded (policy Cluster).
+                    let ext_chain = format!("KUBE-EXT-{}", chain_hash(&id));
+                    writeln!(nat_chains, ":{ext_chain} - [0:0]").unwrap();
+                    writeln!(
+                        nat_rules,
+                        "-A KUBE-NODEPORTS -p {proto} -m comment --comment \"{id}\" -m {proto} --dport {node_port} -j {ext_chain}"
+                    )
+                    .unwrap();
+                    writeln!(
+                        nat_rules,
+                        "-A {ext_chain} -m comment --comment \"masquerade traffic for {id} external destinations\" -j KUBE-MARK-MASQ"
+                    )
+                    .unwrap();
+                    writeln!(nat_rules, "-A {ext_chain} -j {svc_chain}").unwrap();
+                }
                 writeln!(
                     nat_rules,
                     "-A KUBE-SERVICES -d {vip}/32 -p {proto} -m comment --comment \"{id} cluster IP\" -m {proto} --dport {port} -j {svc_chain}"
@@ -176,15 +195,16 @@ add rule {table} nat-output jump services
 add chain {table} nat-postrouting {{ type nat hook postrouting priority 100 ; }}
 add rule {table} nat-postrouting jump masquerading
 add map {table} service-ips {{ type ipv4_addr . inet_proto . inet_service : verdict ; comment \"ClusterIP, ExternalIP and LoadBalancer IP traffic\" ; }}
+add set {table} nodeport-ips {{ type ipv4_addr ; comment \"IPs that accept NodePort traffic\" ; }}
+add map {table} service-nodeports {{ type inet_proto . inet_service : verdict ; comment \"NodePort traffic\" ; }}
 add rule {table} services ip daddr . meta l4proto . th dport vmap @service-ips
-"
+add rule {table} services fib daddr type local ip daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports
+add element {table} nodeport-ips {{ {} }}
+",
+            self.node_ip
         );
         for spec in self.specs() {
-            let mut ports = vec![("http", "tcp", HTTP_PORT, HTTP_TARGET_PORT)];
-            if spec.udp {
-                ports.push(("dns", "udp", UDP_PORT, UDP_TARGET_PORT));
-            }
-            for (port_name, proto, port, target) in ports {
+            for (port_name, proto, port, target, node_port) in spec.ports() {
                 let id = format!("{}/{}/{proto}/{port_name}", spec.namespace, spec.name);
                 let svc_chain = format!("service-{}-{id}", &chain_hash(&id)[..8]);
                 let vip = spec.cluster_ip;
@@ -223,6 +243,17 @@ add rule {table} services ip daddr . meta l4proto . th dport vmap @service-ips
                     "add element {table} service-ips {{ {vip} . {proto} . {port} : goto {svc_chain} }}"
                 )
                 .unwrap();
+                if let Some(node_port) = node_port {
+                    let ext_chain = format!("external-{}-{id}", &chain_hash(&id)[..8]);
+                    writeln!(out, "add chain {table} {ext_chain}").unwrap();
+                    writeln!(out, "add rule {table} {ext_chain} jump mark-for-masquerade").unwrap();
+                    writeln!(out, "add rule {table} {ext_chain} goto {svc_chain}").unwrap();
+                    writeln!(
+                        out,
+                        "add element {table} service-nodeports {{ {proto} . {node_port} : goto {ext_chain} }}"
+                    )
+                    .unwrap();
+                }
             }
         }
         out
@@ -234,14 +265,19 @@ add rule {table} services ip daddr . meta l4proto . th dport vmap @service-ips
         let mut out = String::new();
         for spec in self.specs() {
             let (namespace, name, vip) = (spec.namespace, &spec.name, spec.cluster_ip);
-            let udp_port = if spec.udp {
+            let (service_type, http_node_port) = if spec.measured {
+                ("NodePort", format!("    nodePort: {HTTP_NODE_PORT}\n"))
+            } else {
+                ("ClusterIP", String::new())
+            };
+            let udp_port = if spec.measured {
                 format!(
-                    "  - name: dns\n    protocol: UDP\n    port: {UDP_PORT}\n    targetPort: {UDP_TARGET_PORT}\n"
+                    "  - name: dns\n    protocol: UDP\n    port: {UDP_PORT}\n    targetPort: {UDP_TARGET_PORT}\n    nodePort: {UDP_NODE_PORT}\n"
                 )
             } else {
                 String::new()
             };
-            let udp_slice_port = if spec.udp {
+            let udp_slice_port = if spec.measured {
                 format!("- name: dns\n  protocol: UDP\n  port: {UDP_TARGET_PORT}\n")
             } else {
                 String::new()
@@ -261,14 +297,14 @@ metadata:
   name: {name}
   namespace: {namespace}
 spec:
-  type: ClusterIP
+  type: {service_type}
   clusterIP: {vip}
   ports:
   - name: http
     protocol: TCP
     port: {HTTP_PORT}
     targetPort: {HTTP_TARGET_PORT}
-{udp_port}---
+{http_node_port}{udp_port}---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata:
@@ -294,27 +330,36 @@ ports:
     pub fn manifests_json(&self) -> String {
         let mut items = Vec::new();
         for spec in self.specs() {
-            let mut ports = vec![serde_json::json!({
-                "name": "http", "protocol": "TCP", "port": HTTP_PORT, "targetPort": HTTP_TARGET_PORT
-            })];
-            let mut slice_ports = vec![serde_json::json!({
-                "name": "http", "protocol": "TCP", "port": HTTP_TARGET_PORT
-            })];
-            if spec.udp {
-                ports.push(serde_json::json!({
-                    "name": "dns", "protocol": "UDP", "port": UDP_PORT, "targetPort": UDP_TARGET_PORT
-                }));
-                slice_ports.push(serde_json::json!({
-                    "name": "dns", "protocol": "UDP", "port": UDP_TARGET_PORT
-                }));
-            }
+            let ports: Vec<_> = spec
+                .ports()
+                .map(|(name, proto, port, target, node_port)| {
+                    let mut port = serde_json::json!({
+                        "name": name, "protocol": proto.to_uppercase(), "port": port, "targetPort": target
+                    });
+                    if let Some(node_port) = node_port {
+                        port["nodePort"] = node_port.into();
+                    }
+                    port
+                })
+                .collect();
+            let slice_ports: Vec<_> = spec
+                .ports()
+                .map(|(name, proto, _, target, _)| {
+                    serde_json::json!({"name": name, "protocol": proto.to_uppercase(), "port": target})
+                })
+                .collect();
+            let service_type = if spec.measured {
+                "NodePort"
+            } else {
+                "ClusterIP"
+            };
             let metadata =
                 |name: String| serde_json::json!({"name": name, "namespace": spec.namespace});
             items.push(serde_json::json!({
                 "apiVersion": "v1",
                 "kind": "Service",
                 "metadata": metadata(spec.name.clone()),
-                "spec": {"type": "ClusterIP", "clusterIP": spec.cluster_ip.to_string(), "ports": ports},
+                "spec": {"type": service_type, "clusterIP": spec.cluster_ip.to_string(), "ports": ports},
             }));
             let mut slice_metadata = metadata(format!("{}-abcde", spec.name));
             slice_metadata["labels"] = serde_json::json!({"kubernetes.io/service-name": spec.name});
@@ -330,6 +375,22 @@ ports:
             }));
         }
         serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items}).to_string()
+    }
+}
+
+impl ServiceSpec {
+    /// (name, protocol, port, targetPort, nodePort) of each port: http for every service, and
+    /// for the measured one dns too and nodePorts.
+    fn ports(&self) -> impl Iterator<Item = (&'static str, &'static str, u16, u16, Option<u16>)> {
+        let http = (
+            "http",
+            "tcp",
+            HTTP_PORT,
+            HTTP_TARGET_PORT,
+            self.measured.then_some(HTTP_NODE_PORT),
+        );
+        let dns = ("dns", "udp", UDP_PORT, UDP_TARGET_PORT, Some(UDP_NODE_PORT));
+        std::iter::once(http).chain(self.measured.then_some(dns))
     }
 }
 
@@ -354,6 +415,7 @@ mod tests {
         ServiceSet {
             count,
             backends: [11, 12, 13].map(|o| Ipv4Addr::new(10, 244, 0, o)),
+            node_ip: Ipv4Addr::new(192, 168, 100, 1),
         }
     }
 
