@@ -25,7 +25,7 @@ pub const XDP_EGRESS_MAP: &str = "XDP_EGRESS";
 /// The subdirectory of the agent's pin directory that holds its maps, named after their layout:
 /// aya does not check a reused pin's key or value size, so a layout change moves to a new
 /// directory rather than reuse old maps. Bump it whenever a pinned map's types change.
-pub const PIN_LAYOUT: &str = "v3";
+pub const PIN_LAYOUT: &str = "v4";
 
 /// Capacities: 100,000 service ports with 4 slots on average (slot 0 and 3 backends), as many
 /// distinct backends as a 100,000-pod cluster has, one rev-NAT entry per service port.
@@ -142,6 +142,25 @@ pub struct ConntrackEntryV4 {
     pub nat_address: u32,
     pub nat_port: u16,
     pub flags: u16,
+    /// In a reverse entry: when the flow last carried a packet, in whole seconds of the kernel's
+    /// monotonic clock (`bpf_ktime_get_coarse_ns`). A SNATed flow idle for longer than its
+    /// protocol's [`snat_idle_limit`] gives its source port up to a new flow.
+    pub last_seen: u32,
+}
+
+/// How long a SNATed flow may stay silent before its source port may go to another: Cilium's
+/// conntrack lifetimes (6 h for TCP, 60 s for the rest). Without a limit, flows nobody closes
+/// (UDP, vanished TCP peers) would hold their ports until LRU pressure, which a table sized
+/// well above the port range never applies.
+pub const fn snat_idle_limit(protocol: u8) -> u32 {
+    if protocol == IPPROTO_TCP { 21_600 } else { 60 }
+}
+
+/// Whether the flow whose reverse entry is `holder` has given its SNAT port up at `now`
+/// (seconds, as [`ConntrackEntryV4::last_seen`]): its TCP connection closed, or it was idle too
+/// long.
+pub const fn snat_port_reusable(holder: &ConntrackEntryV4, protocol: u8, now: u32) -> bool {
+    flow_closed(holder.flags) || now.wrapping_sub(holder.last_seen) > snat_idle_limit(protocol)
 }
 
 /// The flow's source is translated as well as its destination (see [`ConntrackEntryV4`]).
@@ -181,8 +200,9 @@ pub struct NodeV4 {
     /// The address SNATed flows leave with (the first `--node-ip`); 0 = none configured, and
     /// external traffic that would need SNAT is dropped.
     pub snat_address: u32,
-    /// The number of possible CPUs: SNAT ports are split between them (port offset modulo
-    /// `cpus` = the CPU), so that two CPUs never claim or take over the same port at once.
+    /// The number of possible CPUs: a CPU takes over the SNAT port of a closed or idle flow only
+    /// if the port's offset modulo `cpus` is its number, so that two CPUs never take over the
+    /// same port at once.
     pub cpus: u32,
     /// The cookie of the node's network namespace (the agent's own): the socket hooks serve only
     /// sockets of this namespace, since a cgroup can hold processes of other namespaces (pods,
@@ -223,7 +243,7 @@ const _: () = {
     assert!(size_of::<BackendV4>() == 8 && align_of::<BackendV4>() == 4);
     assert!(size_of::<RevNatV4>() == 8 && align_of::<RevNatV4>() == 4);
     assert!(size_of::<ConntrackKeyV4>() == 16 && align_of::<ConntrackKeyV4>() == 4);
-    assert!(size_of::<ConntrackEntryV4>() == 16 && align_of::<ConntrackEntryV4>() == 4);
+    assert!(size_of::<ConntrackEntryV4>() == 20 && align_of::<ConntrackEntryV4>() == 4);
     assert!(size_of::<NodeV4>() == 16 && align_of::<NodeV4>() == 8);
     assert!(size_of::<SocketRevNatKeyV4>() == 16 && align_of::<SocketRevNatKeyV4>() == 8);
     assert!(size_of::<SocketRevNatV4>() == 12 && align_of::<SocketRevNatV4>() == 4);

@@ -11,7 +11,7 @@
 //! The reverse entry also records how a TCP connection ends (FIN from either side, RST): the
 //! SNAT port of a closed flow may be given to a new one (see `service::claim_snat_port`).
 
-use aya_ebpf::bindings::BPF_NOEXIST;
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns};
 use service_common::{
     BackendV4, CT_FIN_FROM_CLIENT, CT_FORWARD, CT_RESET, CT_REVERSE, CT_SNAT, ConntrackEntryV4,
     ConntrackKeyV4, RevNatV4,
@@ -69,6 +69,7 @@ pub fn reverse_of(
         nat_address: if snat { request.src_address } else { 0 },
         nat_port: if snat { request.src_port } else { 0 },
         flags: forward.flags,
+        last_seen: now_seconds(),
     };
     (key, entry)
 }
@@ -89,7 +90,7 @@ pub fn restore_reverse(
             let found = unsafe { &mut *found };
             let ours = found.nat_address == entry.nat_address && found.nat_port == entry.nat_port;
             if ours {
-                note_close(found, request, CT_FIN_FROM_CLIENT);
+                note_packet(found, request, CT_FIN_FROM_CLIENT);
             }
             ours
         }
@@ -102,10 +103,21 @@ pub fn restore_reverse(
     }
 }
 
-/// Records in `reverse` (a flow's reverse entry) that `packet` carries a TCP FIN (as `fin`) or
-/// a RST. A flag lost to a concurrent write only delays the port's reuse until LRU eviction.
+/// The kernel's monotonic clock in whole seconds, as [`ConntrackEntryV4::last_seen`] keeps it.
 #[inline(always)]
-pub fn note_close(reverse: &mut ConntrackEntryV4, packet: &Ipv4Flow, fin: u16) {
+pub fn now_seconds() -> u32 {
+    (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
+}
+
+/// Records in `reverse` (a flow's reverse entry) that the flow carried `packet` now, and whether
+/// it is a TCP FIN (as `fin`) or a RST. The clock is written once a second at most. A flag lost
+/// to a concurrent write only delays the port's reuse until the idle limit.
+#[inline(always)]
+pub fn note_packet(reverse: &mut ConntrackEntryV4, packet: &Ipv4Flow, fin: u16) {
+    let now = now_seconds();
+    if reverse.last_seen != now {
+        reverse.last_seen = now;
+    }
     let mut closing = 0;
     if packet.tcp_flags & TCP_FIN != 0 {
         closing |= fin;
@@ -151,6 +163,7 @@ pub fn restore_forward(reply: &Ipv4Flow, reverse: &ConntrackEntryV4, frontend: &
         nat_address: if snat { reply.dst_address } else { 0 },
         nat_port: if snat { reply.dst_port } else { 0 },
         flags: reverse.flags & CT_SNAT,
+        last_seen: 0,
     };
     let _ = CONNTRACK_V4.insert(key, entry, u64::from(BPF_NOEXIST));
 }

@@ -20,7 +20,7 @@ pub fn lookup(flow: &Ipv4Flow) -> Option<(ConntrackEntryV4, RevNatV4)> {
     let reverse_key = conntrack::key_of(flow, CT_REVERSE);
     // SAFETY: a map value; a concurrent update can at worst give a stale value.
     let entry = unsafe { &mut *CONNTRACK_V4.get_ptr_mut(reverse_key)? };
-    conntrack::note_close(entry, flow, CT_FIN_FROM_BACKEND);
+    conntrack::note_packet(entry, flow, CT_FIN_FROM_BACKEND);
     let entry = *entry;
     // The frontend is gone (service deleted): nothing to translate to.
     let frontend = unsafe { REV_NAT_V4.get(entry.rev_nat_id) }.copied()?;

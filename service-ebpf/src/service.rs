@@ -9,7 +9,7 @@ use aya_ebpf::{
 use service_common::{
     BackendV4, CT_FORWARD, CT_SNAT, ConntrackEntryV4, ConntrackKeyV4, HAIRPIN_ADDRESS,
     SCOPE_DEFAULT, SERVICE_LOCAL, SERVICE_REMOTE_ENDPOINTS_ONLY, SNAT_PORT_COUNT, SNAT_PORT_FIRST,
-    ServiceEntry, ServiceKeyV4, flow_closed,
+    ServiceEntry, ServiceKeyV4, snat_port_reusable,
 };
 
 use crate::{
@@ -21,9 +21,9 @@ use crate::{
 };
 
 /// How many random source ports a new SNATed flow tries before it gives up (Cilium's
-/// SNAT_COLLISION_RETRIES is of the same order): with some 14,000 ports per CPU and backend, and
-/// closed flows' ports free again, the chance that all probes hit live flows stays negligible
-/// until a single backend holds most of its ports' worth of live flows from this node.
+/// SNAT_COLLISION_RETRIES is of the same order): with 28,976 ports per backend, and the ports of
+/// closed or idle flows free again, the chance that all probes hit live flows stays negligible
+/// until a single backend holds most of them in live flows from this node.
 const SNAT_PROBES: u32 = 16;
 
 /// What becomes of a packet to a frontend.
@@ -195,11 +195,13 @@ fn record_forward(
 }
 
 /// Finds a source port for a SNATed flow that no live flow to the same backend uses, and claims
-/// it by writing the flow's reverse entry. A port is free when no entry holds it (the insert
-/// with BPF_NOEXIST succeeds) or when the entry's TCP connection has closed (FIN both ways, or
-/// RST), as netfilter reuses the tuples of connections in TIME_WAIT. Each CPU probes only its
-/// own ports (offset modulo `cpus`), so two CPUs never race for one: the check and the takeover
-/// of a closed flow's port need no atomic operation. Returns the port in network byte order.
+/// it by writing the flow's reverse entry. A port is free when no entry holds it: the insert
+/// with BPF_NOEXIST succeeds for one CPU only, whoever comes first. A port is also free when its
+/// flow gave it up: the TCP connection closed (FIN both ways, or RST), as netfilter reuses the
+/// tuples of connections in TIME_WAIT, or the flow was idle past its protocol's limit. Taking
+/// such a port over is a lookup and an overwrite, which two CPUs could both do at once: so each
+/// CPU takes over only ports of its own share (offset modulo `cpus` = its number), and no two
+/// ever compete for one. Returns the port in network byte order.
 #[inline(always)]
 fn claim_snat_port(
     flow: &Ipv4Flow,
@@ -209,12 +211,8 @@ fn claim_snat_port(
 ) -> Option<u16> {
     let cpus = cpus.max(1);
     let cpu = unsafe { bpf_get_smp_processor_id() } % cpus;
-    let ports_per_cpu = u32::from(SNAT_PORT_COUNT) / cpus;
-    if ports_per_cpu == 0 {
-        return None;
-    }
     for _ in 0..SNAT_PROBES {
-        let offset = cpu + cpus * (unsafe { bpf_get_prandom_u32() } % ports_per_cpu);
+        let offset = unsafe { bpf_get_prandom_u32() } % u32::from(SNAT_PORT_COUNT);
         forward.nat_port = (SNAT_PORT_FIRST + offset as u16).to_be();
         let (reverse_key, reverse) = conntrack::reverse_of(flow, backend, forward);
         if CONNTRACK_V4
@@ -223,10 +221,13 @@ fn claim_snat_port(
         {
             return Some(forward.nat_port);
         }
+        if offset % cpus != cpu {
+            continue;
+        }
         // SAFETY: map values are plain data; a concurrent update can at worst give a stale value.
-        let closed = unsafe { CONNTRACK_V4.get(reverse_key) }
-            .is_some_and(|holder| flow_closed(holder.flags));
-        if closed
+        let given_up = unsafe { CONNTRACK_V4.get(reverse_key) }
+            .is_some_and(|holder| snat_port_reusable(holder, flow.protocol, reverse.last_seen));
+        if given_up
             && CONNTRACK_V4
                 .insert(reverse_key, reverse, u64::from(BPF_EXIST))
                 .is_ok()

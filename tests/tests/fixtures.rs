@@ -23,7 +23,7 @@ use service_agent::{
 };
 use service_common::{
     CT_FORWARD, CT_RESET, CT_REVERSE, CT_SNAT, ConntrackEntryV4, ConntrackKeyV4, SNAT_PORT_COUNT,
-    SNAT_PORT_FIRST, flow_closed,
+    SNAT_PORT_FIRST, flow_closed, snat_idle_limit,
 };
 
 const TC_ACT_OK: u32 = 0;
@@ -138,6 +138,16 @@ fn node_port_service(policy: TrafficPolicy, endpoints: &[Endpoint]) -> Service {
             ..service_port("http", 80, Protocol::Tcp, endpoints)
         }])
     }
+}
+
+/// The NodePort Service with policy Cluster, and the same nodePort for UDP too.
+fn node_port_service_with_udp(endpoints: &[Endpoint]) -> Service {
+    let mut service = node_port_service(TrafficPolicy::Cluster, endpoints);
+    service.ports.push(ServicePort {
+        node_port: Some(NODE_PORT),
+        ..service_port("dns", 53, Protocol::Udp, endpoints)
+    });
+    service
 }
 
 /// A LoadBalancer Service: TCP 80 at VIP, LOAD_BALANCER_IP and EXTERNAL_IP, policy Cluster, no
@@ -756,8 +766,9 @@ fn a_reply_restores_an_evicted_forward_entry() {
 
 // A SNATed flow whose TCP connection is over (FIN both ways, or RST) gives its port back at
 // once: at a high connection rate the ports would otherwise run out long before LRU eviction
-// frees them. A live flow's port is never given to another. Each CPU claims only its share of
-// the ports (offset modulo the CPU count); the test runs on CPU 0 and fills CPU 0's share.
+// frees them. A live flow's port is never given to another. A CPU takes over only ports of its
+// own share (offset modulo the CPU count), so that two never take over the same one; the test
+// runs on CPU 0.
 #[test]
 fn the_snat_ports_of_closed_flows_are_reused_and_those_of_live_ones_never() {
     let Some(mut fx) = Fixture::serving(
@@ -767,14 +778,8 @@ fn the_snat_ports_of_closed_flows_are_reused_and_those_of_live_ones_never() {
         return;
     };
     run_on_cpu_0();
-    let cpus = fx.dataplane.maps.node.get(&0, 0).expect("NODE_V4").cpus;
     let request = Packet::new(TCP, EXTERNAL_CLIENT, NODE_PORT_FRONTEND);
     let (chosen, snat_port) = fx.backend_and_snat_port_of(EXTERNAL, &request);
-    assert_eq!(
-        u32::from(snat_port - SNAT_PORT_FIRST) % cpus,
-        0,
-        "CPU 0 claimed a port outside its share"
-    );
 
     // The flow closes: the client's FIN, the backend's FIN.
     let reply = Packet::new(TCP, chosen, (NODE_IP, snat_port));
@@ -803,22 +808,15 @@ fn the_snat_ports_of_closed_flows_are_reused_and_those_of_live_ones_never() {
         closed.flags
     );
 
-    // Random probes would seldom find one free port among thousands, so the share is filled
-    // whole: with live flows of another client, a new flow finds nothing and is dropped; with
-    // flows that were reset, it takes one over.
+    // Random probes would seldom find one free port among thousands, so every port is given to
+    // one holder: live flows of another client leave a new flow nothing, and it is dropped;
+    // flows that were reset leave it a port of CPU 0's share.
     let live = ConntrackEntryV4 {
         nat_address: u32::from_ne_bytes([192, 168, 100, 11]),
         flags: CT_SNAT,
         ..closed
     };
-    for offset in (0..u32::from(SNAT_PORT_COUNT)).step_by(cpus as usize) {
-        let holder = Packet::new(TCP, chosen, (NODE_IP, SNAT_PORT_FIRST + offset as u16));
-        fx.dataplane
-            .maps
-            .conntrack
-            .insert(conntrack_key(&holder, CT_REVERSE), live, 0)
-            .expect("a live flow's reverse entry");
-    }
+    fx.hold_every_snat_port(TCP, chosen, live);
     let newcomer = Packet::new(TCP, (EXTERNAL_CLIENT.0, 40001), NODE_PORT_FRONTEND);
     fx.assert_dropped(EXTERNAL, &newcomer);
 
@@ -826,21 +824,92 @@ fn the_snat_ports_of_closed_flows_are_reused_and_those_of_live_ones_never() {
         flags: CT_SNAT | CT_RESET,
         ..live
     };
-    for offset in (0..u32::from(SNAT_PORT_COUNT)).step_by(cpus as usize) {
-        let holder = Packet::new(TCP, chosen, (NODE_IP, SNAT_PORT_FIRST + offset as u16));
-        fx.dataplane
-            .maps
-            .conntrack
-            .insert(conntrack_key(&holder, CT_REVERSE), reset, 0)
-            .expect("a reset flow's reverse entry");
-    }
+    fx.hold_every_snat_port(TCP, chosen, reset);
     let newcomer = Packet::new(TCP, (EXTERNAL_CLIENT.0, 40002), NODE_PORT_FRONTEND);
     let (_, port) = fx.backend_and_snat_port_of(EXTERNAL, &newcomer);
+    fx.assert_in_cpu_0_share(port);
     fx.assert_translated(
         EXTERNAL,
         &Packet::new(TCP, chosen, (NODE_IP, port)).with_tcp_flags(TCP_RST),
         &Packet::new(TCP, NODE_PORT_FRONTEND, newcomer.src).with_tcp_flags(TCP_RST),
     );
+}
+
+// A flow nobody closes (UDP, a TCP peer that vanished) gives its port up once it has been idle
+// past its protocol's limit: 60 s for UDP. Every port is held as above, by flows seen just now,
+// then by flows last seen 61 s ago.
+#[test]
+fn the_snat_ports_of_idle_udp_flows_are_reused_after_a_minute() {
+    let backends = endpoints(&[2]);
+    let Some(mut fx) = Fixture::serving(node_a(), [node_port_service_with_udp(&backends)]) else {
+        return;
+    };
+    run_on_cpu_0();
+    let request = Packet::new(UDP, EXTERNAL_CLIENT, NODE_PORT_FRONTEND);
+    let (chosen, snat_port) = fx.backend_and_snat_port_of(EXTERNAL, &request);
+    let recent = fx
+        .dataplane
+        .maps
+        .conntrack
+        .get(
+            &conntrack_key(&Packet::new(UDP, chosen, (NODE_IP, snat_port)), CT_REVERSE),
+            0,
+        )
+        .expect("the flow's reverse entry");
+    let last_seen_before_limit = recent
+        .last_seen
+        .checked_sub(snat_idle_limit(UDP) + 1)
+        .expect("the machine must have been up for more than a minute");
+
+    let live = ConntrackEntryV4 {
+        nat_address: u32::from_ne_bytes([192, 168, 100, 11]),
+        ..recent
+    };
+    fx.hold_every_snat_port(UDP, chosen, live);
+    let newcomer = Packet::new(UDP, (EXTERNAL_CLIENT.0, 40001), NODE_PORT_FRONTEND);
+    fx.assert_dropped(EXTERNAL, &newcomer);
+
+    let idle = ConntrackEntryV4 {
+        last_seen: last_seen_before_limit,
+        ..live
+    };
+    fx.hold_every_snat_port(UDP, chosen, idle);
+    let (_, port) = fx.backend_and_snat_port_of(EXTERNAL, &newcomer);
+    fx.assert_in_cpu_0_share(port);
+    fx.assert_translated(
+        EXTERNAL,
+        &Packet::new(UDP, chosen, (NODE_IP, port)),
+        &Packet::new(UDP, NODE_PORT_FRONTEND, newcomer.src),
+    );
+}
+
+impl Fixture {
+    /// Gives every SNAT port towards `backend` to a flow with reverse entry `holder`.
+    fn hold_every_snat_port(
+        &mut self,
+        protocol: u8,
+        backend: (Ipv4Addr, u16),
+        holder: ConntrackEntryV4,
+    ) {
+        for port in SNAT_PORTS {
+            let reply = Packet::new(protocol, backend, (NODE_IP, port));
+            self.dataplane
+                .maps
+                .conntrack
+                .insert(conntrack_key(&reply, CT_REVERSE), holder, 0)
+                .expect("a reverse entry");
+        }
+    }
+
+    /// Asserts that a port taken over on CPU 0 is one of CPU 0's share.
+    fn assert_in_cpu_0_share(&mut self, port: u16) {
+        let cpus = self.dataplane.maps.node.get(&0, 0).expect("NODE_V4").cpus;
+        assert_eq!(
+            u32::from(port - SNAT_PORT_FIRST) % cpus,
+            0,
+            "CPU 0 took over port {port}, outside its share"
+        );
+    }
 }
 
 /// Pins the calling thread to CPU 0: BPF_PROG_TEST_RUN runs the program on the caller's CPU.
@@ -1174,12 +1243,7 @@ fn run_xdp(program: &Xdp, frame: &[u8]) -> (u32, Vec<u8>) {
 #[test]
 fn xdp_translates_node_port_flows_and_replies_as_tc_does() {
     let backends = endpoints(&[2, 3, 4]);
-    let mut service = node_port_service(TrafficPolicy::Cluster, &backends);
-    service.ports.push(ServicePort {
-        node_port: Some(NODE_PORT),
-        ..service_port("dns", 53, Protocol::Udp, &backends)
-    });
-    let Some(mut fx) = Fixture::serving(node_a(), [service]) else {
+    let Some(mut fx) = Fixture::serving(node_a(), [node_port_service_with_udp(&backends)]) else {
         return;
     };
     for protocol in [TCP, UDP] {

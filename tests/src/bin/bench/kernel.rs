@@ -26,7 +26,7 @@ use service_agent::{
     sync::Syncer,
 };
 
-use crate::packets::{Packet, TCP};
+use crate::packets::{Packet, TCP, TCP_RST};
 
 /// What one size measured: median nanoseconds per packet.
 #[derive(Clone, Copy, Debug)]
@@ -200,6 +200,9 @@ fn node_port_flow(
         out[30..34] == client.octets(),
         "the NodePort reply was not translated back to the client"
     );
+    // The client resets the connection, which gives its SNAT port back: tens of thousands of
+    // flows that stayed open would take most of the ports towards the three backends.
+    run(dataplane, hook, &request.with_tcp_flags(TCP_RST))?;
     Ok((new_flow_ns, reply_ns))
 }
 
