@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use aya::{
     maps::{DevMapHash, MapData},
     programs::{Xdp, XdpMode as AttachMode, xdp::XdpLinkId},
@@ -93,11 +93,13 @@ impl XdpAttachments {
                     continue;
                 }
             };
-            egress
-                .insert(index, index, None, 0)
-                .with_context(|| format!("adding {name} to XDP_EGRESS"))?;
             self.attached.insert(name.to_owned(), (index, link));
             tracing::info!(interface = %name, mode = ?self.mode, "XDP attached");
+            // Without the entry, XDP still translates on this link but never sends out of it:
+            // the stack forwards instead.
+            if let Err(err) = egress.insert(index, index, None, 0) {
+                tracing::error!(interface = %name, "adding the link to XDP_EGRESS: {err}");
+            }
         }
         Ok(())
     }

@@ -156,17 +156,27 @@ pub const fn snat_idle_limit(protocol: u8) -> u32 {
     if protocol == IPPROTO_TCP { 21_600 } else { 60 }
 }
 
+/// How long a closed flow keeps its SNAT port: both FINs seen does not mean the last ACK arrived
+/// (a new SYN to a backend socket still in LAST_ACK would be answered with a challenge ACK), and
+/// a late retransmission should still find its translation. One second covers a round trip
+/// many times over while still letting ports turn over at a high connection rate.
+pub const CLOSED_FLOW_LINGER_SECONDS: i32 = 1;
+
 /// Whether the flow whose reverse entry is `holder` has given its SNAT port up at `now`
-/// (seconds, as [`ConntrackEntryV4::last_seen`]): its TCP connection closed, or it was idle too
-/// long.
+/// (seconds, as [`ConntrackEntryV4::last_seen`]): its TCP connection closed a little while ago,
+/// or it was idle too long. The age is signed: another CPU may have written a `last_seen` a
+/// second ahead of our clock reading, which must count as fresh, not as four billion seconds old.
 pub const fn snat_port_reusable(holder: &ConntrackEntryV4, protocol: u8, now: u32) -> bool {
-    flow_closed(holder.flags) || now.wrapping_sub(holder.last_seen) > snat_idle_limit(protocol)
+    let idle = now.wrapping_sub(holder.last_seen) as i32;
+    (flow_closed(holder.flags) && idle > CLOSED_FLOW_LINGER_SECONDS)
+        || idle > snat_idle_limit(protocol) as i32
 }
 
 /// The flow's source is translated as well as its destination (see [`ConntrackEntryV4`]).
 pub const CT_SNAT: u16 = 1 << 0;
 /// Set in a flow's reverse entry when the client sent a TCP FIN, the backend sent one, or either
-/// sent a RST: a SNATed flow whose TCP connection closed gives its source port back at once
+/// sent a RST (and cleared by a new SYN of the same flow, which reopens it): a SNATed flow whose
+/// TCP connection closed gives its source port back soon
 /// (netfilter's NAT reuses the tuples of connections in TIME_WAIT and CLOSE the same way), which
 /// a new connection rate far above ports / LRU lifetime needs.
 pub const CT_FIN_FROM_CLIENT: u16 = 1 << 1;

@@ -13,13 +13,13 @@
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns};
 use service_common::{
-    BackendV4, CT_FIN_FROM_CLIENT, CT_FORWARD, CT_RESET, CT_REVERSE, CT_SNAT, ConntrackEntryV4,
-    ConntrackKeyV4, RevNatV4,
+    BackendV4, CT_FIN_FROM_BACKEND, CT_FIN_FROM_CLIENT, CT_FORWARD, CT_RESET, CT_REVERSE, CT_SNAT,
+    ConntrackEntryV4, ConntrackKeyV4, RevNatV4, flow_closed,
 };
 
 use crate::{
     maps::CONNTRACK_V4,
-    packet::{Ipv4Flow, TCP_FIN, TCP_RST},
+    packet::{Ipv4Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 /// The key a packet is looked up by: `CT_FORWARD` for a client's packet, `CT_REVERSE` for a
@@ -84,23 +84,30 @@ pub fn restore_reverse(
     forward: &ConntrackEntryV4,
 ) -> bool {
     let (key, entry) = reverse_of(request, backend, forward);
-    match CONNTRACK_V4.get_ptr_mut(key) {
-        Some(found) => {
-            // SAFETY: a map value; a concurrent update can at worst give a stale value.
-            let found = unsafe { &mut *found };
-            let ours = found.nat_address == entry.nat_address && found.nat_port == entry.nat_port;
-            if ours {
-                note_packet(found, request, CT_FIN_FROM_CLIENT);
-            }
-            ours
+    if CONNTRACK_V4.get_ptr_mut(key).is_none() {
+        // Looked up first: an LRU insert takes a free node (evicting) even when the key exists.
+        if CONNTRACK_V4
+            .insert(key, entry, u64::from(BPF_NOEXIST))
+            .is_ok()
+        {
+            return true;
         }
-        None => {
-            // Looked up first: an LRU insert takes a free node (evicting) even when the key exists.
-            // Losing a race here means another CPU restored the same entry.
-            let _ = CONNTRACK_V4.insert(key, entry, u64::from(BPF_NOEXIST));
-            true
-        }
+        // Another CPU wrote the key meanwhile: this flow restoring it too, or a new flow
+        // claiming the port; the test below tells which.
     }
+    let Some(found) = CONNTRACK_V4.get_ptr_mut(key) else {
+        return false;
+    };
+    // SAFETY: a map value; a concurrent update can at worst give a stale value.
+    let found = unsafe { &mut *found };
+    let ours = found.nat_address == entry.nat_address
+        && found.nat_port == entry.nat_port
+        && found.backend_id == entry.backend_id
+        && found.rev_nat_id == entry.rev_nat_id;
+    if ours {
+        note_packet(found, request, CT_FIN_FROM_CLIENT);
+    }
+    ours
 }
 
 /// The kernel's monotonic clock in whole seconds, as [`ConntrackEntryV4::last_seen`] keeps it.
@@ -110,13 +117,17 @@ pub fn now_seconds() -> u32 {
 }
 
 /// Records in `reverse` (a flow's reverse entry) that the flow carried `packet` now, and whether
-/// it is a TCP FIN (as `fin`) or a RST. The clock is written once a second at most. A flag lost
-/// to a concurrent write only delays the port's reuse until the idle limit.
+/// it is a TCP FIN (as `fin`) or a RST. A SYN of a closed flow (the client reused its port for a
+/// new connection) reopens it. The clock is written once a second at most. A flag lost to a
+/// concurrent write only delays the port's reuse until the idle limit.
 #[inline(always)]
 pub fn note_packet(reverse: &mut ConntrackEntryV4, packet: &Ipv4Flow, fin: u16) {
     let now = now_seconds();
     if reverse.last_seen != now {
         reverse.last_seen = now;
+    }
+    if packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && flow_closed(reverse.flags) {
+        reverse.flags &= !(CT_FIN_FROM_CLIENT | CT_FIN_FROM_BACKEND | CT_RESET);
     }
     let mut closing = 0;
     if packet.tcp_flags & TCP_FIN != 0 {

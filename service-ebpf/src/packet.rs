@@ -32,7 +32,9 @@ pub struct Ipv4Flow {
 
 /// TCP flags, in [`Ipv4Flow::tcp_flags`].
 pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 /// Where the flags byte sits in the TCP header.
 const TCP_FLAGS: usize = 13;
 

@@ -20,10 +20,11 @@ use crate::{
     reject,
 };
 
-/// How many random source ports a new SNATed flow tries before it gives up (Cilium's
-/// SNAT_COLLISION_RETRIES is of the same order): with 28,976 ports per backend, and the ports of
-/// closed or idle flows free again, the chance that all probes hit live flows stays negligible
-/// until a single backend holds most of them in live flows from this node.
+/// How many times a new SNATed flow draws source ports (two per draw: one anywhere, one in its
+/// CPU's share) before it gives up (Cilium's SNAT_COLLISION_RETRIES is of the same order): with
+/// 28,976 ports per backend, and the ports of closed or idle flows free again, the chance that
+/// all of them hit live flows stays negligible until a single backend holds most of its ports in
+/// live flows from this node.
 const SNAT_PROBES: u32 = 16;
 
 /// What becomes of a packet to a frontend.
@@ -195,13 +196,15 @@ fn record_forward(
 }
 
 /// Finds a source port for a SNATed flow that no live flow to the same backend uses, and claims
-/// it by writing the flow's reverse entry. A port is free when no entry holds it: the insert
-/// with BPF_NOEXIST succeeds for one CPU only, whoever comes first. A port is also free when its
-/// flow gave it up: the TCP connection closed (FIN both ways, or RST), as netfilter reuses the
-/// tuples of connections in TIME_WAIT, or the flow was idle past its protocol's limit. Taking
-/// such a port over is a lookup and an overwrite, which two CPUs could both do at once: so each
-/// CPU takes over only ports of its own share (offset modulo `cpus` = its number), and no two
-/// ever compete for one. Returns the port in network byte order.
+/// it by writing the flow's reverse entry. Each probe tries a random port of the whole range,
+/// free when no entry holds it: the insert with BPF_NOEXIST succeeds for one CPU only, whoever
+/// comes first. Then a random port of this CPU's own share (offset modulo `cpus` = its number),
+/// free as well when its flow gave it up: the TCP connection closed (FIN both ways, or RST), as
+/// netfilter reuses the tuples of connections in TIME_WAIT, or the flow was idle past its
+/// protocol's limit. Taking such a port over is a lookup and an overwrite, which two CPUs could
+/// both do at once for one port: the shares keep them apart. Every insert is preceded by a
+/// lookup, because an LRU insert takes a free node, evicting some other entry when the map is
+/// full, even when it then fails. Returns the port in network byte order.
 #[inline(always)]
 fn claim_snat_port(
     flow: &Ipv4Flow,
@@ -211,28 +214,34 @@ fn claim_snat_port(
 ) -> Option<u16> {
     let cpus = cpus.max(1);
     let cpu = unsafe { bpf_get_smp_processor_id() } % cpus;
+    // The share's size: the offsets below SNAT_PORT_COUNT that are `cpu` modulo `cpus`.
+    let share = (u32::from(SNAT_PORT_COUNT) + cpus - 1 - cpu) / cpus;
+    if share == 0 {
+        return None;
+    }
     for _ in 0..SNAT_PROBES {
-        let offset = unsafe { bpf_get_prandom_u32() } % u32::from(SNAT_PORT_COUNT);
-        forward.nat_port = (SNAT_PORT_FIRST + offset as u16).to_be();
-        let (reverse_key, reverse) = conntrack::reverse_of(flow, backend, forward);
-        if CONNTRACK_V4
-            .insert(reverse_key, reverse, u64::from(BPF_NOEXIST))
-            .is_ok()
-        {
-            return Some(forward.nat_port);
-        }
-        if offset % cpus != cpu {
-            continue;
-        }
-        // SAFETY: map values are plain data; a concurrent update can at worst give a stale value.
-        let given_up = unsafe { CONNTRACK_V4.get(reverse_key) }
-            .is_some_and(|holder| snat_port_reusable(holder, flow.protocol, reverse.last_seen));
-        if given_up
-            && CONNTRACK_V4
-                .insert(reverse_key, reverse, u64::from(BPF_EXIST))
-                .is_ok()
-        {
-            return Some(forward.nat_port);
+        let anywhere = unsafe { bpf_get_prandom_u32() } % u32::from(SNAT_PORT_COUNT);
+        let own = cpu + cpus * (unsafe { bpf_get_prandom_u32() } % share);
+        for (offset, may_take_over) in [(anywhere, false), (own, true)] {
+            forward.nat_port = (SNAT_PORT_FIRST + offset as u16).to_be();
+            let (reverse_key, reverse) = conntrack::reverse_of(flow, backend, forward);
+            // SAFETY: map values are plain data; a concurrent update can at worst give a stale
+            // value.
+            let claimed = match unsafe { CONNTRACK_V4.get(reverse_key) } {
+                None => CONNTRACK_V4
+                    .insert(reverse_key, reverse, u64::from(BPF_NOEXIST))
+                    .is_ok(),
+                Some(holder) => {
+                    may_take_over
+                        && snat_port_reusable(holder, flow.protocol, reverse.last_seen)
+                        && CONNTRACK_V4
+                            .insert(reverse_key, reverse, u64::from(BPF_EXIST))
+                            .is_ok()
+                }
+            };
+            if claimed {
+                return Some(forward.nat_port);
+            }
         }
     }
     None

@@ -43,6 +43,12 @@ const IP_DST: usize = 16;
 const TCP_CHECK: usize = 16;
 const UDP_CHECK: usize = 6;
 
+/// The longest IPv4 packet a standard Ethernet frame carries. A longer one was merged by GRO
+/// (generic XDP runs after GRO), and a merged TCP packet carries a partial checksum that the
+/// software update here would corrupt: such packets go to TC untouched, whose csum helpers know.
+/// Jumbo frames go to TC as well: slower, never wrong.
+const LONGEST_UNMERGED_PACKET: u16 = 1500;
+
 /// An (address, port) pair, network byte order.
 type End = (u32, u16);
 
@@ -51,6 +57,10 @@ pub fn serve(ctx: &XdpContext) -> u32 {
     let Some(flow) = packet::parse(ctx) else {
         return XDP_PASS;
     };
+    match packet::Frame::read::<Ipv4Hdr>(ctx, IPV4_OFFSET) {
+        Some(ip) if u16::from_be_bytes(ip.tot_len) <= LONGEST_UNMERGED_PACKET => {}
+        _ => return XDP_PASS,
+    }
     let frontend = service::frontend_key(&flow);
     // SAFETY: map values are plain data; a concurrent update can at worst give a stale value.
     let (src, dst) = if let Some(service) = unsafe { SERVICES_V4.get(frontend) } {

@@ -9,7 +9,7 @@ use std::{collections::BTreeSet, net::Ipv4Addr, ops::RangeInclusive, time::Syste
 
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
 use packets::{
-    Icmp, Packet, TCP, TCP_FIN_ACK, TCP_RST, UDP, assert_checksums_valid,
+    Icmp, Packet, TCP, TCP_FIN_ACK, TCP_RST, TCP_SYN, UDP, assert_checksums_valid,
     assert_icmp_checksums_valid, assert_icmp_error_checksums_valid, flow_of, icmp_frame,
     icmp_port_unreachable,
 };
@@ -808,9 +808,25 @@ fn the_snat_ports_of_closed_flows_are_reused_and_those_of_live_ones_never() {
         closed.flags
     );
 
+    // The client reuses its port for a new connection: its SYN reopens the flow, on the same
+    // backend and port, and the port is no longer given up.
+    let reopened = request.with_tcp_flags(TCP_SYN);
+    assert_eq!(
+        fx.backend_and_snat_port_of(EXTERNAL, &reopened),
+        (chosen, snat_port)
+    );
+    let entry = fx
+        .dataplane
+        .maps
+        .conntrack
+        .get(&conntrack_key(&reply, CT_REVERSE), 0)
+        .expect("the reopened flow's reverse entry");
+    assert!(!flow_closed(entry.flags), "a SYN must reopen the flow");
+
     // Random probes would seldom find one free port among thousands, so every port is given to
-    // one holder: live flows of another client leave a new flow nothing, and it is dropped;
-    // flows that were reset leave it a port of CPU 0's share.
+    // one holder: live flows of another client, or flows that closed a moment ago (a late ACK
+    // may still come), leave a new flow nothing, and it is dropped; flows reset more than a
+    // second ago leave it a port of CPU 0's share.
     let live = ConntrackEntryV4 {
         nat_address: u32::from_ne_bytes([192, 168, 100, 11]),
         flags: CT_SNAT,
@@ -819,10 +835,16 @@ fn the_snat_ports_of_closed_flows_are_reused_and_those_of_live_ones_never() {
     fx.hold_every_snat_port(TCP, chosen, live);
     let newcomer = Packet::new(TCP, (EXTERNAL_CLIENT.0, 40001), NODE_PORT_FRONTEND);
     fx.assert_dropped(EXTERNAL, &newcomer);
-
-    let reset = ConntrackEntryV4 {
+    let just_reset = ConntrackEntryV4 {
         flags: CT_SNAT | CT_RESET,
         ..live
+    };
+    fx.hold_every_snat_port(TCP, chosen, just_reset);
+    fx.assert_dropped(EXTERNAL, &newcomer);
+
+    let reset = ConntrackEntryV4 {
+        last_seen: closed.last_seen - 2,
+        ..just_reset
     };
     fx.hold_every_snat_port(TCP, chosen, reset);
     let newcomer = Packet::new(TCP, (EXTERNAL_CLIENT.0, 40002), NODE_PORT_FRONTEND);
@@ -1324,6 +1346,11 @@ fn xdp_never_rewrites_what_it_cannot_bound() {
         return;
     };
     let request = Packet::new(TCP, EXTERNAL_CLIENT, NODE_PORT_FRONTEND);
+    // Longer than an Ethernet MTU: merged by GRO, with a checksum only TC may update.
+    let mut merged = request.clone();
+    merged.payload = vec![7; 2000];
+    let merged = merged.bytes();
+    assert_eq!(fx.run_xdp(&merged), (XDP_PASS, merged.clone()));
     let whole = request.bytes();
     for cut in [20, 34, 40, 50] {
         let truncated = &whole[..cut];
