@@ -6,7 +6,7 @@ use std::{
     io::{self, BufRead, BufReader, Write},
     net::{Shutdown, TcpStream},
     thread,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use serde_json::Value;
@@ -79,6 +79,10 @@ pub fn serve_connection(stream: TcpStream, shared: &Shared) -> io::Result<()> {
                 list(&state, resource)
             };
             respond(&mut writer, "200 OK", &body)?;
+            shared
+                .lock()
+                .lists_written
+                .insert(resource, SystemTime::now());
         }
     }
 }
@@ -197,8 +201,14 @@ fn stream_watch(
         let events = events_after(&state, resource, sent_up_to);
         let current = state.resource_version;
         drop(state);
-        for event in &events {
+        for (resource_version, event) in &events {
             chunk(writer, event)?;
+            let written = SystemTime::now();
+            shared
+                .lock()
+                .events_written
+                .entry(*resource_version)
+                .or_insert(written);
         }
         sent_up_to = current;
         if bookmarks && last_bookmark.elapsed() >= BOOKMARK_INTERVAL {

@@ -23,7 +23,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{Arc, Condvar, Mutex, MutexGuard},
     thread::{self, JoinHandle},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context, Result};
@@ -118,6 +118,10 @@ struct State {
     /// Added before every response.
     response_delay: Duration,
     requests: Vec<Request>,
+    /// When the last List of each resource was fully written, for latency measurements.
+    lists_written: BTreeMap<Resource, SystemTime>,
+    /// When each event (by resourceVersion) was first fully written to a watch.
+    events_written: BTreeMap<u64, SystemTime>,
     stopping: bool,
 }
 
@@ -167,6 +171,8 @@ impl StandInApiServer {
                 connection_generation: 0,
                 response_delay: Duration::ZERO,
                 requests: Vec::new(),
+                lists_written: BTreeMap::new(),
+                events_written: BTreeMap::new(),
                 stopping: false,
             }),
             changed: Condvar::new(),
@@ -289,6 +295,20 @@ current-context: stand-in
             .iter()
             .filter(|request| **request == Request::List(resource))
             .count()
+    }
+
+    /// When the last List of `resource` was fully written to the client.
+    pub fn list_written(&self, resource: Resource) -> Option<SystemTime> {
+        self.shared.lock().lists_written.get(&resource).copied()
+    }
+
+    /// When the event that gave out `resource_version` was first written to a watch.
+    pub fn event_written(&self, resource_version: u64) -> Option<SystemTime> {
+        self.shared
+            .lock()
+            .events_written
+            .get(&resource_version)
+            .copied()
     }
 
     /// Whether a watch of `resource` is being served: the agent has listed and is watching.
@@ -430,13 +450,16 @@ fn bookmark(resource: Resource, resource_version: u64) -> Value {
     })
 }
 
-/// The events of `resource` after `since`, as watch lines.
-fn events_after(state: &State, resource: Resource, since: u64) -> Vec<Value> {
+/// The events of `resource` after `since`, as (resourceVersion, watch line).
+fn events_after(state: &State, resource: Resource, since: u64) -> Vec<(u64, Value)> {
     state.collections[&resource]
         .history
         .iter()
         .filter(|event| event.resource_version > since)
-        .map(|event| json!({"type": event.event_type.as_str(), "object": event.object}))
+        .map(|event| {
+            let line = json!({"type": event.event_type.as_str(), "object": event.object});
+            (event.resource_version, line)
+        })
         .collect()
 }
 
