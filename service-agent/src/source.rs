@@ -1,7 +1,7 @@
 //! Where `service-agent run` gets its desired state: manifest files, or the Kubernetes API
 //! server. Both hand the run loop the same `DesiredState`, which one syncer programs.
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use service_agent::{
     controlplane::ControlPlaneConfig,
     kubernetes::{ApiServer, KubernetesSource},
@@ -28,11 +28,10 @@ pub struct Refresh {
 
 impl Source {
     pub async fn new(args: &RunArgs) -> Result<Self> {
-        let api_server = match (&args.kubeconfig, args.in_cluster) {
-            (Some(path), false) => Some(ApiServer::Kubeconfig(path.clone())),
-            (None, true) => Some(ApiServer::InCluster),
-            (None, false) => None,
-            (Some(_), true) => bail!("--kubeconfig and --in-cluster exclude each other"),
+        // clap lets at most one of --kubeconfig, --in-cluster and --manifests through.
+        let api_server = match &args.kubeconfig {
+            Some(path) => Some(ApiServer::Kubeconfig(path.clone())),
+            None => args.in_cluster.then_some(ApiServer::InCluster),
         };
         if let Some(api_server) = api_server {
             let client = api_server.client().await?;

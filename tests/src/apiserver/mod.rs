@@ -310,13 +310,6 @@ current-context: stand-in
             .get(&resource_version)
             .copied()
     }
-
-    /// Whether a watch of `resource` is being served: the agent has listed and is watching.
-    pub fn watching(&self, resource: Resource) -> bool {
-        self.requests()
-            .iter()
-            .any(|request| matches!(request, Request::Watch { resource: r, .. } if *r == resource))
-    }
 }
 
 impl Drop for StandInApiServer {
