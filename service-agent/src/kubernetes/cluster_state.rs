@@ -393,6 +393,25 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_slice_update_keeps_the_last_good_slice() {
+        let mut state = ClusterState::new(None);
+        state.replace_services(&[service("web", "10.96.0.10", 80)]);
+        state.replace_slices(&[slice("web-a", "web", &[(1, true, false)])]);
+        state.rebuild();
+        let mut bad = slice("web-a", "web", &[(2, true, false)]);
+        bad.address_type = "IPv5".into();
+        assert_eq!(
+            state.apply_slice(&bad).as_deref(),
+            Some(
+                "API server (EndpointSlice default/web-a): addressType: unknown type \"IPv5\"; \
+                 its last good version stays programmed"
+            )
+        );
+        assert_eq!(state.rebuild(), (false, vec![]));
+        assert_eq!(endpoints(&state, "web"), ["10.244.0.1 r=1 t=0"]);
+    }
+
+    #[test]
     fn bad_endpoint_addresses_are_named_and_left_out() {
         let mut state = ClusterState::new(None);
         state.replace_services(&[service("web", "10.96.0.10", 80)]);
