@@ -407,3 +407,58 @@ fn a_watch_answered_410_gone_relists_without_flushing() -> Result<()> {
     agent.stop()?;
     Ok(())
 }
+
+#[test]
+fn a_burst_of_watch_events_becomes_a_few_syncs() -> Result<()> {
+    if !privileged("a_burst_of_watch_events_becomes_a_few_syncs") {
+        return Ok(());
+    }
+    const SERVICES: usize = 50;
+    let (topology, client, web) = node(&["web-0"])?;
+    let api = StandInApiServer::start_in(topology.node_netns())?;
+    let agent = start_agent(&topology, &api, &[])?;
+    eventually(CONVERGENCE_TIMEOUT, "the first sync", || {
+        ensure!(!synced_lines(&agent)?.is_empty(), "not synced yet");
+        Ok(())
+    })?;
+    let syncs = synced_lines(&agent)?.len();
+
+    let name = |index: usize| format!("burst-{index}");
+    let cluster_ip = |index: usize| Ipv4Addr::new(10, 96, 1, index as u8);
+    api.apply_all(
+        Resource::Services,
+        (0..SERVICES).map(|i| objects::service(DEFAULT, &name(i), cluster_ip(i), &PORTS)),
+    );
+    api.apply_all(
+        Resource::EndpointSlices,
+        (0..SERVICES).map(|i| {
+            let service = name(i);
+            objects::endpoint_slice(
+                DEFAULT,
+                &service,
+                &format!("{service}-x"),
+                &[ready(&web[0])],
+                &PORTS,
+            )
+        }),
+    );
+    eventually(CONVERGENCE_TIMEOUT, "every service of the burst", || {
+        let programmed = agent.services()?.len();
+        ensure!(
+            programmed == SERVICES,
+            "{programmed} of {SERVICES} programmed"
+        );
+        Ok(())
+    })?;
+    let burst_syncs = synced_lines(&agent)?.len() - syncs;
+    // 100 events, written back to back: gathered into a few syncs, not one each.
+    ensure!(
+        burst_syncs <= 10,
+        "{burst_syncs} syncs for a burst of {} events",
+        2 * SERVICES
+    );
+    let last = SocketAddrV4::new(cluster_ip(SERVICES - 1), SERVICE_TCP_PORT);
+    agent.wait_for_backends(&client, Transport::Tcp, last, &["web-0"])?;
+    agent.stop()?;
+    Ok(())
+}

@@ -2,9 +2,12 @@
 //! watcher (which relists after a 410 Gone or a broken watch, and backs off on errors), keep the
 //! cluster state in step, and hand the run loop a new desired state after each burst of events.
 
-use std::pin::Pin;
+use std::{
+    pin::Pin,
+    time::{Duration, Instant},
+};
 
-use futures::{FutureExt as _, Stream, StreamExt as _};
+use futures::{Stream, StreamExt as _};
 use k8s_openapi::api::{core::v1 as core, discovery::v1 as discovery};
 use kube::{
     Api, Client,
@@ -13,6 +16,12 @@ use kube::{
 
 use super::cluster_state::ClusterState;
 use crate::model::DesiredState;
+
+/// A burst ends when no event follows within this gap: little added to a single change's
+/// latency, while events written back to back (and decoded one poll at a time) are gathered.
+const BURST_GAP: Duration = Duration::from_millis(2);
+/// A burst that never pauses is still synced this often.
+const BURST_LIMIT: Duration = Duration::from_millis(100);
 
 type Watch<K> = Pin<Box<dyn Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send>>;
 
@@ -118,24 +127,29 @@ impl KubernetesSource {
         }
     }
 
-    /// Waits for the next watch event, then takes every event already received without waiting
-    /// again, so that a burst of events becomes one sync. Cancel-safe: an event is only taken
-    /// once it is ready.
+    /// Waits for the next watch event, then keeps taking events while they follow each other
+    /// closely, so that a burst (a rollout, a relist, an API server catching up) becomes one
+    /// sync. Cancel-safe: an event is only taken once it is ready, and what was taken stays in
+    /// the cluster state for the next refresh.
     pub async fn changed(&mut self) {
+        self.next_event().await;
+        let started = Instant::now();
+        while started.elapsed() < BURST_LIMIT {
+            if tokio::time::timeout(BURST_GAP, self.next_event())
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    }
+
+    async fn next_event(&mut self) {
         tokio::select! {
             Some(item) = self.services.stream.next() => self.absorb_service(item),
             Some(item) = self.slices.stream.next() => self.absorb_slice(item),
             // The watcher's streams never end; if one did, there would be nothing left to wait for.
             else => std::future::pending().await,
-        }
-        loop {
-            if let Some(Some(item)) = self.services.stream.next().now_or_never() {
-                self.absorb_service(item);
-            } else if let Some(Some(item)) = self.slices.stream.next().now_or_never() {
-                self.absorb_slice(item);
-            } else {
-                break;
-            }
         }
     }
 
