@@ -84,6 +84,10 @@ pub fn measure(services: usize, changes: usize) -> Result<ApiRun> {
     let agent = Agent::start_with_kubeconfig(&topology, &kubeconfig, &[])?;
 
     let first_sync = wait_for_sync(&agent, 0)?;
+    // Its read_ms and sync_ms split the figure between the source and the syncer.
+    if let Some(line) = synced_lines(&agent)?.first() {
+        eprintln!("  first sync: {}", line.split(": ").nth(1).unwrap_or(line));
+    }
     let lists_written = [Resource::Services, Resource::EndpointSlices]
         .map(|resource| api.list_written(resource))
         .into_iter()
