@@ -30,7 +30,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Load the dataplane and keep it in step with the manifests until SIGTERM.
+    /// Load the dataplane and keep it in step with the manifests or the API server until SIGTERM.
     Run(Box<RunArgs>),
     /// Print what the running agent has programmed, as kubectl would.
     Get(GetArgs),
