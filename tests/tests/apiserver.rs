@@ -462,3 +462,37 @@ fn a_burst_of_watch_events_becomes_a_few_syncs() -> Result<()> {
     agent.stop()?;
     Ok(())
 }
+
+#[test]
+fn a_bad_update_is_reported_and_the_last_good_service_stays() -> Result<()> {
+    if !privileged("a_bad_update_is_reported_and_the_last_good_service_stays") {
+        return Ok(());
+    }
+    let (topology, client, web) = node(&["web-0"])?;
+    let api = StandInApiServer::start_in(topology.node_netns())?;
+    api.apply(Resource::Services, web_service());
+    api.apply(
+        Resource::EndpointSlices,
+        web_slice("web-abc", &[ready(&web[0])]),
+    );
+    let agent = start_agent(&topology, &api, &[])?;
+    agent.wait_for_backends(&client, Transport::Tcp, tcp(), &["web-0"])?;
+
+    // Something a validating API server would refuse, as a newer or broken one might send it.
+    let mut broken = web_service();
+    broken["spec"]["ports"][0]["port"] = serde_json::json!(70000);
+    api.apply(Resource::Services, broken);
+    eventually(CONVERGENCE_TIMEOUT, "the bad port reported", || {
+        let expected = "Service default/web: spec.ports[0].port: 70000 is not a port number; \
+                        its last good version stays programmed";
+        ensure!(
+            agent.log()?.contains(expected),
+            "not in the log: {expected}"
+        );
+        Ok(())
+    })?;
+    agent.wait_for_backends(&client, Transport::Tcp, tcp(), &["web-0"])?;
+    agent.wait_for_backends(&client, Transport::Udp, udp(), &["web-0"])?;
+    agent.stop()?;
+    Ok(())
+}

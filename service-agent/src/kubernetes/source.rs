@@ -162,19 +162,24 @@ impl KubernetesSource {
             return None;
         }
         let (changed, problems) = self.state.rebuild();
-        self.problems.extend(problems);
+        self.report(problems);
         let relisted = std::mem::take(&mut self.pending);
         if !changed && !relisted {
             return None;
         }
-        let problems = std::mem::take(&mut self.problems);
+        Some(KubernetesRefresh {
+            state: self.state.desired().clone(),
+            problems: std::mem::take(&mut self.problems),
+        })
+    }
+
+    /// Logs problems when they are found (a bad update that changes nothing is not synced, and
+    /// must not wait for the next change to be heard of), and keeps them for the next refresh.
+    fn report(&mut self, problems: Vec<String>) {
         for problem in &problems {
             tracing::warn!("{problem}");
         }
-        Some(KubernetesRefresh {
-            state: self.state.desired().clone(),
-            problems,
-        })
+        self.problems.extend(problems);
     }
 
     fn absorb_service(&mut self, item: Result<watcher::Event<core::Service>, watcher::Error>) {
@@ -192,7 +197,7 @@ impl KubernetesSource {
                 self.state.replace_services(&objects)
             }
         };
-        self.problems.extend(problems);
+        self.report(problems);
     }
 
     fn absorb_slice(
@@ -211,6 +216,6 @@ impl KubernetesSource {
                 self.state.replace_slices(&objects)
             }
         };
-        self.problems.extend(problems);
+        self.report(problems);
     }
 }
