@@ -3,7 +3,9 @@
 pub mod api;
 pub mod controlplane;
 pub mod dataplane;
+pub mod health;
 pub mod interfaces;
+pub mod kubernetes;
 pub mod manifest;
 pub mod model;
 pub mod socket_hooks;

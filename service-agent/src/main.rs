@@ -1,8 +1,14 @@
 //! `service-agent`: the node agent of the Service dataplane.
 
 mod run;
+mod source;
 
-use std::{net::Ipv4Addr, path::PathBuf, process::ExitCode, time::SystemTime};
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    process::ExitCode,
+    time::SystemTime,
+};
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -25,8 +31,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Load the dataplane and keep it in step with the manifests until SIGTERM.
-    Run(RunArgs),
+    /// Load the dataplane and keep it in step with the manifests or the API server until SIGTERM.
+    Run(Box<RunArgs>),
     /// Print what the running agent has programmed, as kubectl would.
     Get(GetArgs),
     /// Validate manifests without loading anything; exits non-zero with the reasons.
@@ -43,8 +49,27 @@ enum Command {
 #[derive(Args)]
 pub struct RunArgs {
     /// Kubernetes YAML: a file or a directory of them; repeatable. Changes are applied live.
-    #[arg(long = "manifests", required = true)]
+    #[arg(
+        long = "manifests",
+        required_unless_present_any = ["kubeconfig", "in_cluster"],
+        conflicts_with_all = ["kubeconfig", "in_cluster"]
+    )]
     manifests: Vec<PathBuf>,
+    /// Watch the Services and EndpointSlices of the API server this kubeconfig names (its
+    /// current context) instead of reading manifests.
+    #[arg(long, conflicts_with = "in_cluster")]
+    kubeconfig: Option<PathBuf>,
+    /// Watch the API server of the cluster the agent runs in, with its pod's service account.
+    #[arg(long)]
+    in_cluster: bool,
+    /// Also serve Services labelled service.kubernetes.io/service-proxy-name with this value
+    /// (API mode; Services with another value are left to that proxy).
+    #[arg(long)]
+    service_proxy_name: Option<String>,
+    /// Where /healthz and /readyz answer over plain HTTP (ready after the first full sync),
+    /// e.g. 0.0.0.0:10256.
+    #[arg(long)]
+    metrics_address: Option<SocketAddr>,
     /// Host-side links of pods (a glob such as 'lxc*'); repeatable. Links created later count.
     #[arg(long = "pod-interface", required = true)]
     pod_interfaces: Vec<String>,
@@ -80,7 +105,8 @@ pub struct RunArgs {
     /// external traffic is served.
     #[arg(long)]
     cgroup: Option<PathBuf>,
-    /// This node's name, as endpoints' nodeName gives it.
+    /// This node's name, as endpoints' nodeName gives it (in API mode the hostname by default,
+    /// as for the kubelet).
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
 }
@@ -122,7 +148,7 @@ enum Output {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => run::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Run(args) => run::run(*args).map(|()| ExitCode::SUCCESS),
         Command::Get(args) => get(args).map(|()| ExitCode::SUCCESS),
         Command::Check {
             paths,

@@ -1,15 +1,16 @@
-//! `service-agent run`: load, attach, then keep the maps in step with the manifests.
+//! `service-agent run`: load, attach, then keep the maps in step with the manifests or the API
+//! server.
 
 use std::{fs, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 use service_agent::{
     api,
-    controlplane::{ControlPlaneConfig, PortRange},
+    controlplane::PortRange,
     dataplane::Dataplane,
     dataplane::{EXTERNAL_INGRESS_PROGRAM, POD_INGRESS_PROGRAM},
+    health,
     interfaces::LinkAttachments,
-    manifest::{ManifestEvents, ManifestSource},
     model::{DesiredState, Node},
     socket_hooks::SocketHooks,
     sync::Syncer,
@@ -22,7 +23,10 @@ use tokio::{
 };
 use tracing_subscriber::EnvFilter;
 
-use crate::RunArgs;
+use crate::{
+    RunArgs,
+    source::{self, Source},
+};
 
 /// How often manifests and links are looked at, besides the inotify wake-ups on manifest changes.
 /// Both are a few stat/netlink calls when nothing changed.
@@ -73,9 +77,14 @@ async fn sync_until_signal(
     terminate: &mut tokio::signal::unix::Signal,
     interrupt: &mut tokio::signal::unix::Signal,
 ) -> Result<()> {
+    let api_mode = args.kubeconfig.is_some() || args.in_cluster;
     let node = Node {
         ips: args.node_ips.clone(),
-        name: args.node_name.clone(),
+        // In API mode the endpoints' nodeName is the kubelet's, which defaults to the hostname.
+        name: args
+            .node_name
+            .clone()
+            .or_else(|| api_mode.then(source::hostname).flatten()),
     };
     dataplane.maps.set_node(&node)?;
     // After set_node: the programs serve only sockets of the namespace it records.
@@ -104,27 +113,20 @@ async fn serve_until_signal(
         LinkAttachments::new(EXTERNAL_INGRESS_PROGRAM, args.external_interfaces.clone()),
     ];
     let mut xdp = XdpAttachments::new(args.xdp_mode, args.external_interfaces.clone());
-    let mut source = ManifestSource::new(
-        args.manifests.clone(),
-        ControlPlaneConfig {
-            service_cidr: args.service_cidr.clone(),
-            state_dir: Some(args.state_dir.clone()),
-            node_port_range: args.node_port_range,
-        },
-    )?;
+    let mut source = Source::new(args).await?;
     let (published, state) = watch::channel(Arc::new(DesiredState::default()));
     let _api = api::serve(&args.api_socket, state)?;
-
-    let events = ManifestEvents::watch(&args.manifests)
-        .inspect_err(|err| tracing::warn!("{err:#}; changes are seen by polling only"))
-        .ok();
+    let (synced, ready) = watch::channel(false);
+    if let Some(address) = args.metrics_address {
+        health::serve(address, ready).await?;
+    }
     let mut ticks = tokio::time::interval(POLL_INTERVAL);
     let result = loop {
         tokio::select! {
             _ = terminate.recv() => break Ok(()),
             _ = interrupt.recv() => break Ok(()),
             _ = ticks.tick() => {}
-            changed = manifest_change(events.as_ref()) => {
+            changed = source.changed() => {
                 if let Err(err) = changed {
                     tracing::warn!("{err:#}");
                 }
@@ -152,12 +154,13 @@ async fn serve_until_signal(
                     services = refresh.state.services.len(),
                     map_writes = report.map_writes,
                     conntrack_purged = report.conntrack_purged,
-                    problems = refresh.problems.len(),
+                    problems = refresh.problems,
                     read_ms = read.as_millis(),
                     sync_ms = (started.elapsed() - read).as_millis(),
                     "synced"
                 );
                 published.send_replace(Arc::new(refresh.state));
+                synced.send_replace(true);
             }
             // The maps hold the last good state plus whatever writes succeeded; the next change
             // retries from what the syncer knows was written.
@@ -204,14 +207,6 @@ fn check_snat_ports(args: &RunArgs) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// Resolves when inotify reports a change in the manifest paths; never, without inotify.
-async fn manifest_change(events: Option<&ManifestEvents>) -> Result<()> {
-    match events {
-        Some(events) => events.changed().await,
-        None => std::future::pending().await,
-    }
 }
 
 fn attach_new_links(links: &mut LinkAttachments, dataplane: &mut Dataplane) -> Result<()> {

@@ -4,6 +4,7 @@
 
 use std::{
     collections::BTreeSet,
+    ffi::OsStr,
     fs::{self, File},
     net::{Ipv4Addr, SocketAddrV4},
     os::{fd::AsRawFd, unix::process::CommandExt},
@@ -81,6 +82,27 @@ impl<'t> Agent<'t> {
         manifests: &[&Path],
         extra_args: &[&str],
     ) -> Result<Self> {
+        let source_args = manifests
+            .iter()
+            .flat_map(|manifest| [OsStr::new("--manifests"), manifest.as_os_str()]);
+        Self::launch(topology, source_args, extra_args)
+    }
+
+    /// Starts the agent in API-server mode (`--kubeconfig`), otherwise as `start_with`.
+    pub fn start_with_kubeconfig(
+        topology: &'t Topology,
+        kubeconfig: &Path,
+        extra_args: &[&str],
+    ) -> Result<Self> {
+        let source_args = [OsStr::new("--kubeconfig"), kubeconfig.as_os_str()];
+        Self::launch(topology, source_args, extra_args)
+    }
+
+    fn launch<'a>(
+        topology: &'t Topology,
+        source_args: impl IntoIterator<Item = &'a OsStr>,
+        extra_args: &[&str],
+    ) -> Result<Self> {
         mount_bpffs()?;
         let scratch = topology.scratch_dir();
         let agent = Self {
@@ -91,10 +113,7 @@ impl<'t> Agent<'t> {
             log: scratch.join("agent.log"),
         };
         let mut command = Command::new(existing_binary()?);
-        command.arg("run");
-        for manifest in manifests {
-            command.arg("--manifests").arg(manifest);
-        }
+        command.arg("run").args(source_args);
         command
             .args(["--pod-interface", POD_INTERFACE_GLOB])
             .args(["--service-cidr", SERVICE_CIDR])
@@ -174,6 +193,11 @@ impl<'t> Agent<'t> {
     /// The agent's process id, while it runs (to read its memory use from /proc).
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
+    }
+
+    /// Everything the agent logged so far.
+    pub fn log(&self) -> Result<String> {
+        fs::read_to_string(&self.log).with_context(|| format!("reading {}", self.log.display()))
     }
 
     /// The agent's pin directory (`--pin-dir`), which it must remove when it stops.

@@ -9,6 +9,7 @@
 //! success, on error and on panic alike.
 
 pub mod agent;
+pub mod apiserver;
 pub mod cgroup;
 pub mod client;
 pub mod lan;

@@ -9,7 +9,6 @@ use std::{
 use super::{
     endpoint_set::EndpointSet,
     objects::{AddressType, EndpointPort, EndpointSlice, Endpoints, KubernetesObject, Located},
-    validation::PortDefinition,
 };
 use crate::model::{Endpoint, Protocol, ServiceName};
 
@@ -40,9 +39,9 @@ struct GroupMember {
 
 impl EndpointObjectIndex {
     /// Malformed addresses and ports are left out and reported in `problems`.
-    pub fn new(
+    pub fn new<'a>(
         endpoints: &[Located<Endpoints>],
-        slices: &[Located<EndpointSlice>],
+        slices: impl IntoIterator<Item = &'a Located<EndpointSlice>>,
         problems: &mut Vec<String>,
     ) -> Self {
         let mut by_service: HashMap<ServiceName, Vec<EndpointGroup>> = HashMap::new();
@@ -150,13 +149,14 @@ impl EndpointObjectIndex {
         &self,
         service: &ServiceName,
         service_port_count: usize,
-        port: &PortDefinition,
+        port_name: &str,
+        protocol: Protocol,
     ) -> Vec<Endpoint> {
         let mut endpoints = EndpointSet::default();
         for group in self.by_service.get(service).into_iter().flatten() {
             let Some(group_port) = group.ports.iter().find(|group_port| {
-                group_port.protocol == port.protocol
-                    && (group_port.name == port.name
+                group_port.protocol == protocol
+                    && (group_port.name == port_name
                         // A controller that wrote a single-port Service's endpoints may leave
                         // the port unnamed even when the Service names it.
                         || (service_port_count == 1
@@ -222,23 +222,12 @@ fn group_ports<T: KubernetesObject>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::controlplane::{objects::TargetPort, test_support::located};
+    use crate::controlplane::test_support::located;
 
     fn service(name: &str) -> ServiceName {
         ServiceName {
             namespace: "default".into(),
             name: name.into(),
-        }
-    }
-
-    fn port(name: &str, protocol: Protocol) -> PortDefinition {
-        PortDefinition {
-            index: 0,
-            name: name.into(),
-            port: 80,
-            protocol,
-            target_port: TargetPort::Number(80),
-            node_port: None,
         }
     }
 
@@ -268,7 +257,7 @@ subsets:
         let mut problems = Vec::new();
         let index = EndpointObjectIndex::new(&endpoints, &[], &mut problems);
         assert!(problems.is_empty(), "{problems:?}");
-        let sql = index.endpoints(&service("db"), 2, &port("sql", Protocol::Tcp));
+        let sql = index.endpoints(&service("db"), 2, "sql", Protocol::Tcp);
         assert_eq!(
             summary(&sql),
             [
@@ -278,16 +267,16 @@ subsets:
             ]
         );
         assert_eq!(sql[1].node_name.as_deref(), Some("n1"));
-        let stats = index.endpoints(&service("db"), 2, &port("stats", Protocol::Udp));
+        let stats = index.endpoints(&service("db"), 2, "stats", Protocol::Udp);
         assert_eq!(stats.len(), 2);
         assert!(
             index
-                .endpoints(&service("db"), 2, &port("stats", Protocol::Tcp))
+                .endpoints(&service("db"), 2, "stats", Protocol::Tcp)
                 .is_empty()
         );
         assert!(
             index
-                .endpoints(&service("other"), 2, &port("sql", Protocol::Tcp))
+                .endpoints(&service("other"), 2, "sql", Protocol::Tcp)
                 .is_empty()
         );
     }
@@ -343,7 +332,7 @@ endpoints: [{addresses: [10.0.9.9]}]",
             name: "api".into(),
         };
         // The Service names its only port; the unnamed endpoint ports still serve it.
-        let merged = index.endpoints(&api, 1, &port("https", Protocol::Tcp));
+        let merged = index.endpoints(&api, 1, "https", Protocol::Tcp);
         assert_eq!(
             summary(&merged),
             [
@@ -355,11 +344,7 @@ endpoints: [{addresses: [10.0.9.9]}]",
         );
         assert_eq!(merged[3].node_name.as_deref(), Some("n2"));
         // With two Service ports, names must match.
-        assert!(
-            index
-                .endpoints(&api, 2, &port("https", Protocol::Tcp))
-                .is_empty()
-        );
+        assert!(index.endpoints(&api, 2, "https", Protocol::Tcp).is_empty());
     }
 
     #[test]
@@ -385,7 +370,7 @@ endpoints: [{addresses: [\"fd00::1\"]}, {addresses: []}, {addresses: [10.0.1.2]}
                 "test.yaml: document 1 (EndpointSlice default/db-x): endpoints[1].addresses: must list at least one address",
             ]
         );
-        let db = index.endpoints(&service("db"), 1, &port("", Protocol::Tcp));
+        let db = index.endpoints(&service("db"), 1, "", Protocol::Tcp);
         assert_eq!(summary(&db), ["10.0.1.2:5432 r=1 s=1 t=0"]);
     }
 }

@@ -7,7 +7,7 @@
 
 mod allocator;
 mod cidr;
-mod endpoint_objects;
+pub(crate) mod endpoint_objects;
 mod endpoint_set;
 mod node_port_allocator;
 pub mod objects;
@@ -245,7 +245,12 @@ impl ControlPlane {
                             definition.publish_not_ready_addresses,
                             port,
                         ),
-                        None => endpoint_objects.endpoints(&name, definition.ports.len(), port),
+                        None => endpoint_objects.endpoints(
+                            &name,
+                            definition.ports.len(),
+                            &port.name,
+                            port.protocol,
+                        ),
                     },
                 })
                 .collect();

@@ -139,6 +139,12 @@ pub fn desired_contents(
         let local = service.external_traffic_policy == TrafficPolicy::Local;
         for port in &service.ports {
             let endpoints = serving_endpoints(&port.endpoints);
+            // A terminating endpoint that gets no new flows keeps its backend entry, so the
+            // flows it already has finish on it (conntrack purges only flows of removed
+            // backends).
+            for endpoint in port.endpoints.iter().filter(|e| e.serving && e.terminating) {
+                planner.backend_id(backend_value(endpoint, port.protocol));
+            }
             planner.frontend(
                 frontend_key(service.cluster_ip, port.port, port.protocol),
                 0,

@@ -4,6 +4,7 @@
 //! `--quick` is the smoke variant CI runs: small sizes, short runs, and a check that every mode
 //! produced figures (never a check of how fast).
 
+mod api;
 mod kernel;
 mod load;
 mod modes;
@@ -45,6 +46,12 @@ struct Args {
     /// Numbers of services for the kernel-program measurement.
     #[arg(long, value_delimiter = ',')]
     kernel_sizes: Option<Vec<usize>>,
+    /// Numbers of services for the API-server source (10 endpoints each).
+    #[arg(long, value_delimiter = ',')]
+    api_sizes: Option<Vec<usize>>,
+    /// Endpoint changes timed per API-server size.
+    #[arg(long)]
+    api_changes: Option<usize>,
     /// Seconds per load run.
     #[arg(long)]
     seconds: Option<u64>,
@@ -66,6 +73,8 @@ struct Plan {
     sizes: Vec<usize>,
     kernel_sizes: Vec<usize>,
     kernel_flows: u16,
+    api_sizes: Vec<usize>,
+    api_changes: usize,
     run: Duration,
     rounds: usize,
     output: PathBuf,
@@ -94,10 +103,17 @@ impl Args {
                 root.clone(),
             )
         };
+        let (api_sizes, api_changes) = if self.quick {
+            (vec![1_000], 20)
+        } else {
+            (vec![1_000, 10_000], 200)
+        };
         Plan {
             sizes: self.sizes.unwrap_or(sizes),
             kernel_sizes: self.kernel_sizes.unwrap_or(kernel_sizes),
             kernel_flows,
+            api_sizes: self.api_sizes.unwrap_or(api_sizes),
+            api_changes: self.api_changes.unwrap_or(api_changes),
             run: Duration::from_secs(self.seconds.unwrap_or(seconds)),
             rounds: self.rounds.unwrap_or(rounds),
             output: self.output.unwrap_or_else(|| dir.join("BENCHMARKS.md")),
@@ -138,6 +154,17 @@ fn bench(plan: Plan, command_line: &str) -> Result<()> {
         );
     }
     check_every_mode_measured(&results)?;
+    let mut api_runs = Vec::new();
+    for &services in &plan.api_sizes {
+        eprintln!("API-server source: {services} services");
+        let run = api::measure(services, plan.api_changes)
+            .with_context(|| format!("measuring the API-server source at {services} services"))?;
+        eprintln!(
+            "  programmed {:.3} s after the lists; endpoint change p50 {:.2} ms, p99 {:.2} ms",
+            run.initial_seconds, run.change_p50_ms, run.change_p99_ms
+        );
+        api_runs.push(run);
+    }
 
     let text = report::markdown(
         &results,
@@ -148,7 +175,7 @@ fn bench(plan: Plan, command_line: &str) -> Result<()> {
             seconds_per_run: plan.run.as_secs(),
         },
     );
-    println!("{text}");
+    println!("{text}{}", api::markdown(&api_runs));
     if let Some(dir) = plan.output.parent() {
         fs::create_dir_all(dir)?;
     }
@@ -157,7 +184,10 @@ fn bench(plan: Plan, command_line: &str) -> Result<()> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let text = format!("{text}\n![connections per second against services]({chart_name})\n");
+    let text = format!(
+        "{text}{}\n![connections per second against services]({chart_name})\n",
+        api::markdown(&api_runs)
+    );
     fs::write(&plan.output, text)
         .with_context(|| format!("cannot write {}", plan.output.display()))?;
     report::chart(&results, &plan.chart)?;

@@ -314,7 +314,7 @@ fn http_get(to: SocketAddrV4) -> Result<()> {
     Ok(())
 }
 
-fn resident_bytes(pid: u32) -> Result<u64> {
+pub fn resident_bytes(pid: u32) -> Result<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kib = status
         .lines()
