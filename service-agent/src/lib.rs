@@ -8,6 +8,7 @@ pub mod interfaces;
 pub mod kubernetes;
 pub mod manifest;
 pub mod model;
+pub mod service_health;
 pub mod socket_hooks;
 pub mod sync;
 pub mod xdp;

@@ -111,6 +111,10 @@ pub struct Service {
     /// `status.loadBalancer.ingress[].ip` (IPv4, ipMode VIP): served like external IPs.
     pub load_balancer_ips: Vec<Ipv4Addr>,
     pub external_traffic_policy: TrafficPolicy,
+    /// LoadBalancer with policy Local: where the node tells a load balancer's health check how
+    /// many local endpoints it has (kube-proxy's healthCheckNodePort server).
+    #[serde(default)]
+    pub health_check_node_port: Option<u16>,
     pub ports: Vec<ServicePort>,
     /// metadata.creationTimestamp when the source gives one, else when this agent first saw it.
     pub created: SystemTime,

@@ -12,6 +12,7 @@ use service_agent::{
     health,
     interfaces::LinkAttachments,
     model::{DesiredState, Node},
+    service_health::ServiceHealthServers,
     socket_hooks::SocketHooks,
     sync::Syncer,
     xdp::XdpAttachments,
@@ -107,6 +108,7 @@ async fn serve_until_signal(
     terminate: &mut tokio::signal::unix::Signal,
     interrupt: &mut tokio::signal::unix::Signal,
 ) -> Result<()> {
+    let node_name = node.name.clone();
     let mut syncer = Syncer::new(&dataplane.maps, node)?;
     let mut links = [
         LinkAttachments::new(POD_INGRESS_PROGRAM, args.pod_interfaces.clone()),
@@ -115,6 +117,7 @@ async fn serve_until_signal(
     let mut xdp = XdpAttachments::new(args.xdp_mode, args.external_interfaces.clone());
     let mut source = Source::new(args).await?;
     let (published, state) = watch::channel(Arc::new(DesiredState::default()));
+    let mut service_health = ServiceHealthServers::new(node_name, published.subscribe());
     let _api = api::serve(&args.api_socket, state)?;
     let (synced, ready) = watch::channel(false);
     if let Some(address) = args.metrics_address {
@@ -160,6 +163,7 @@ async fn serve_until_signal(
                     "synced"
                 );
                 published.send_replace(Arc::new(refresh.state));
+                service_health.reconcile(&published.borrow());
                 synced.send_replace(true);
             }
             // The maps hold the last good state plus whatever writes succeeded; the next change

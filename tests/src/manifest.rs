@@ -103,6 +103,8 @@ pub struct Exposure<'a> {
     pub ingress_ips: &'a [Ipv4Addr],
     /// The UDP port's targetPort, when not [`servers::UDP_PORT`] (e.g. a port nothing listens on).
     pub udp_target_port: Option<u16>,
+    /// `spec.healthCheckNodePort` (LoadBalancer with policy Local).
+    pub health_check_node_port: Option<u16>,
 }
 
 /// A Service selecting `app: <app>` with the TCP and UDP ports of [`service`], exposed as
@@ -125,6 +127,11 @@ pub fn exposed_service(namespace: &str, name: &str, app: &str, exposure: &Exposu
     } else {
         ""
     };
+    let health_check = exposure
+        .health_check_node_port
+        .map_or_else(String::new, |port| {
+            format!("  healthCheckNodePort: {port}\n")
+        });
     let list = |ips: &[Ipv4Addr], item: &str| -> String {
         ips.iter().map(|ip| format!("{item}{ip}\n")).collect()
     };
@@ -148,7 +155,7 @@ metadata:
   namespace: {namespace}
 spec:
   type: {service_type}
-{policy}{external_ips}  selector:
+{policy}{health_check}{external_ips}  selector:
     app: {app}
   ports:
   - name: http

@@ -4,8 +4,8 @@
 //! without endpoints, hairpin traffic, and many concurrent clients through one NodePort.
 
 use std::{
-    io::ErrorKind,
-    net::{Ipv4Addr, SocketAddrV4},
+    io::{ErrorKind, Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddrV4, TcpStream},
     thread,
     time::{Duration, Instant},
 };
@@ -236,6 +236,67 @@ fn node_port_across_nodes(cluster: &Cluster, xdp_mode: &str) -> Result<()> {
         "a pod's source address must reach the backend unchanged"
     );
     Ok(())
+}
+
+// A LoadBalancer with policy Local: every node answers the load balancer's health check on the
+// healthCheckNodePort with its own count of ready endpoints, as kube-proxy does, so that the
+// load balancer sends traffic only to nodes that serve it.
+#[test]
+fn local_load_balancers_answer_health_checks_with_their_local_endpoints() -> Result<()> {
+    if !privileged("local_load_balancers_answer_health_checks_with_their_local_endpoints") {
+        return Ok(());
+    }
+    const HEALTH_CHECK_PORT: u16 = 32100;
+    let cluster = Cluster::new()?;
+    let b_web = cluster.backend(NODE_B, "b-web", 22)?;
+    let exposure = Exposure {
+        service_type: "LoadBalancer",
+        local_policy: true,
+        health_check_node_port: Some(HEALTH_CHECK_PORT),
+        ..Exposure::default()
+    };
+    cluster.manifests.write(
+        "web.yaml",
+        &manifest::documents([
+            pods(&[&b_web], "web"),
+            manifest::exposed_service(DEFAULT, "web", "web", &exposure),
+        ]),
+    )?;
+    let _agents = cluster.agents()?;
+    let client = cluster.lan.client();
+    let probe = |node: u8| {
+        let to = SocketAddrV4::new(lan::node_ip(node), HEALTH_CHECK_PORT);
+        eventually(
+            CONVERGENCE_TIMEOUT,
+            &format!("health check at {to}"),
+            || http_get(&client, to),
+        )
+    };
+    let on_b = probe(NODE_B)?;
+    ensure!(
+        on_b.starts_with("HTTP/1.1 200 OK")
+            && on_b.contains("X-Load-Balancing-Endpoint-Weight: 1")
+            && on_b.contains(r#""localEndpoints":1"#),
+        "node B has the endpoint: {on_b}"
+    );
+    let on_a = probe(NODE_A)?;
+    ensure!(
+        on_a.starts_with("HTTP/1.1 503") && on_a.contains(r#""localEndpoints":0"#),
+        "node A has no endpoint: {on_a}"
+    );
+    Ok(())
+}
+
+/// One HTTP request from `from`'s namespace; the whole answer.
+fn http_get(from: &Pod, to: SocketAddrV4) -> Result<String> {
+    integration_tests::netns::enter(&from.netns, || {
+        let mut stream = TcpStream::connect_timeout(&to.into(), Duration::from_secs(1))?;
+        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        stream.write_all(b"GET / HTTP/1.1\r\nHost: lb\r\n\r\n")?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer)?;
+        Ok(answer)
+    })
 }
 
 #[test]

@@ -114,6 +114,7 @@ fn cluster_ip_service(ports: Vec<ServicePort>) -> Service {
         external_ips: Vec::new(),
         load_balancer_ips: Vec::new(),
         external_traffic_policy: TrafficPolicy::Cluster,
+        health_check_node_port: None,
         ports,
         created: SystemTime::now(),
     }
@@ -133,6 +134,7 @@ fn node_port_service(policy: TrafficPolicy, endpoints: &[Endpoint]) -> Service {
     Service {
         service_type: ServiceType::NodePort,
         external_traffic_policy: policy,
+        health_check_node_port: None,
         ..cluster_ip_service(vec![ServicePort {
             node_port: Some(NODE_PORT),
             ..service_port("http", 80, Protocol::Tcp, endpoints)

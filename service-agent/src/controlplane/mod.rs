@@ -37,7 +37,7 @@ use self::{
     selector::PodIndex,
     validation::{ClusterIpRequest, PortDefinition, ServiceDefinition, Validation},
 };
-use crate::model::{DesiredState, Service, ServiceName, ServicePort};
+use crate::model::{DesiredState, Protocol, Service, ServiceName, ServicePort};
 
 /// Kubernetes' default `--service-cluster-ip-range`.
 pub const DEFAULT_SERVICE_CIDR: &str = "10.96.0.0/12";
@@ -174,10 +174,23 @@ impl ControlPlane {
                 "{error:#}; Services without an explicit clusterIP may get new IPs when the agent restarts"
             ));
         }
+        // A health check nodePort is allocated like a port's, under a name no port can have.
+        let health_check_ports: Vec<(&ServiceName, [PortDefinition; 1])> = candidates
+            .iter()
+            .filter_map(|(name, candidate)| {
+                let check = candidate.definition.health_check?;
+                Some((name, [health_check_port(check.explicit)]))
+            })
+            .collect();
         let node_port_requests: Vec<(&ServiceName, &[PortDefinition])> = candidates
             .iter()
             .filter(|(_, candidate)| candidate.definition.allocate_node_ports)
             .map(|(name, candidate)| (name, candidate.definition.ports.as_slice()))
+            .chain(
+                health_check_ports
+                    .iter()
+                    .map(|(name, port)| (*name, port.as_slice())),
+            )
             .collect();
         let allocated_node_ports = self
             .node_port_allocator
@@ -221,7 +234,16 @@ impl ControlPlane {
                     })
                 })
                 .collect();
-            if definition.allocate_node_ports && node_ports.contains(&None) {
+            let health_check_node_port = definition.health_check.map(|check| {
+                check.explicit.or_else(|| {
+                    allocated_node_ports
+                        .get(&NodePortKey::new(&name, &health_check_port(None)))
+                        .copied()
+                })
+            });
+            if (definition.allocate_node_ports && node_ports.contains(&None))
+                || health_check_node_port == Some(None)
+            {
                 problems.push(format!(
                     "{}: no free nodePort left in the node port range {}",
                     candidate.located.context(),
@@ -263,12 +285,17 @@ impl ControlPlane {
                     external_ips: definition.external_ips.clone(),
                     load_balancer_ips: definition.load_balancer_ips.clone(),
                     external_traffic_policy: definition.external_traffic_policy,
+                    health_check_node_port: health_check_node_port.flatten(),
                     ports,
                     created: candidate.created,
                 },
             );
             self.cluster_ips.insert(name.clone(), cluster_ip);
-            for node_port in node_ports.into_iter().flatten() {
+            for node_port in node_ports
+                .into_iter()
+                .chain(health_check_node_port)
+                .flatten()
+            {
                 self.node_port_holders.insert(node_port, name.clone());
             }
             self.accepted.insert(name, definition);
@@ -365,6 +392,16 @@ impl ControlPlane {
                         ));
                     }
                 }
+                if candidate
+                    .definition
+                    .health_check
+                    .is_some_and(|check| check.explicit == Some(node_port))
+                {
+                    problems.push(format!(
+                        "{}: spec.healthCheckNodePort: {node_port} is already allocated to Service {winner}",
+                        candidate.located.context()
+                    ));
+                }
                 losers.insert((*loser).clone());
             }
             reserved.insert(node_port, winner.clone());
@@ -429,6 +466,19 @@ fn unique_services<'a>(
         }
     }
     unique
+}
+
+/// The stand-in port definition a health check nodePort is allocated and kept under: its name
+/// is not a valid port name (those are lowercase), so it never meets a real port's key.
+fn health_check_port(explicit: Option<u16>) -> PortDefinition {
+    PortDefinition {
+        index: 0,
+        name: "healthCheckNodePort".into(),
+        port: 0,
+        protocol: Protocol::Tcp,
+        target_port: objects::TargetPort::Number(0),
+        node_port: explicit,
+    }
 }
 
 #[cfg(test)]
@@ -877,6 +927,51 @@ endpoints: [{addresses: [192.168.1.10]}, {addresses: [192.168.1.11]}]
         assert_eq!(restarted.reconcile(&after).state, second);
         let saved = std::fs::read_to_string(dir.path().join("nodeports.json")).unwrap();
         assert!(!saved.contains("\"m\""), "{saved}");
+    }
+
+    #[test]
+    fn local_load_balancers_get_a_health_check_node_port_that_no_port_shares() {
+        let mut control_plane = control_plane(None);
+        let objects = cluster_objects(&format!(
+            "{}{}{}",
+            service(
+                "name: a",
+                "type: LoadBalancer, externalTrafficPolicy: Local, ports: [{port: 80}]"
+            ),
+            service(
+                "name: b",
+                "type: LoadBalancer, externalTrafficPolicy: Local, healthCheckNodePort: 32000, \
+                 ports: [{port: 80, nodePort: 30000}]"
+            ),
+            service("name: c", "type: LoadBalancer, ports: [{port: 80}]"),
+        ));
+        let result = control_plane.reconcile(&objects);
+        assert!(result.problems.is_empty(), "{:?}", result.problems);
+        let check = |name: &str| {
+            result.state.services[&ServiceName {
+                namespace: "default".into(),
+                name: name.into(),
+            }]
+                .health_check_node_port
+        };
+        // b's explicit ports are settled first; then the ports of a (30001) and c (30002), and
+        // then the health checks.
+        assert_eq!(node_ports(&result.state)[0], node_port("a", 30001));
+        assert_eq!(check("a"), Some(30003));
+        assert_eq!(check("b"), Some(32000));
+        assert_eq!(check("c"), None, "policy Cluster has no health check");
+
+        let misplaced = service(
+            "name: d",
+            "type: NodePort, healthCheckNodePort: 32001, ports: [{port: 80}]",
+        );
+        let result = control_plane.reconcile(&cluster_objects(&misplaced));
+        assert!(
+            result.problems.iter().any(|problem| problem
+                .contains("spec.healthCheckNodePort: may only be set when type is LoadBalancer")),
+            "{:?}",
+            result.problems
+        );
     }
 
     #[test]

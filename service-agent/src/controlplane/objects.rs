@@ -180,6 +180,10 @@ pub struct ServiceSpec {
     /// unset.
     #[serde(default)]
     pub allocate_load_balancer_node_ports: Option<bool>,
+    /// Where the node answers a load balancer's health check (LoadBalancer with policy Local);
+    /// 0 or absent: allocate one.
+    #[serde(default)]
+    pub health_check_node_port: Option<u16>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]

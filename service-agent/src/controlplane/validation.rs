@@ -33,7 +33,15 @@ pub struct ServiceDefinition {
     /// duplicates.
     pub load_balancer_ips: Vec<Ipv4Addr>,
     pub external_traffic_policy: TrafficPolicy,
+    /// LoadBalancer with policy Local: the node serves a health check on a nodePort, this one if
+    /// the manifest asks for it (`spec.healthCheckNodePort`), else an allocated one.
+    pub health_check: Option<HealthCheckRequest>,
     pub created: Option<SystemTime>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HealthCheckRequest {
+    pub explicit: Option<u16>,
 }
 
 impl ServiceDefinition {
@@ -42,6 +50,7 @@ impl ServiceDefinition {
         self.ports
             .iter()
             .filter_map(|port| port.node_port)
+            .chain(self.health_check.and_then(|check| check.explicit))
             .collect()
     }
 }
@@ -106,6 +115,13 @@ pub fn validate(
     let allocate_node_ports = allocates_node_ports(spec, service_type, &mut report);
     let external_ips = external_ips(&spec.external_ips, &mut report);
     let external_traffic_policy = external_traffic_policy(spec, service_type, &mut report);
+    let health_check = health_check(
+        spec,
+        service_type,
+        external_traffic_policy,
+        node_port_range,
+        &mut report,
+    );
     // A Service whose type changed from LoadBalancer may still carry the old status.
     let load_balancer_ips = if service_type == ServiceType::LoadBalancer {
         load_balancer_ips(&service.object.status.load_balancer, &mut report)
@@ -124,6 +140,7 @@ pub fn validate(
                 external_ips,
                 load_balancer_ips,
                 external_traffic_policy,
+                health_check,
                 created: service.object.metadata.creation_timestamp,
             },
             warnings: report.warnings,
@@ -446,6 +463,37 @@ fn external_traffic_policy(
             TrafficPolicy::Local
         }
     }
+}
+
+/// `spec.healthCheckNodePort`, as the API server checks it: only a LoadBalancer with policy
+/// Local has one (allocated when not given), and it must be in the node port range.
+fn health_check(
+    spec: &objects::ServiceSpec,
+    service_type: ServiceType,
+    policy: TrafficPolicy,
+    node_port_range: PortRange,
+    report: &mut Report,
+) -> Option<HealthCheckRequest> {
+    let explicit = spec.health_check_node_port.filter(|&port| port != 0);
+    let wanted = service_type == ServiceType::LoadBalancer && policy == TrafficPolicy::Local;
+    if !wanted {
+        if explicit.is_some() {
+            report.error(
+                "spec.healthCheckNodePort",
+                "may only be set when type is LoadBalancer and externalTrafficPolicy is Local",
+            );
+        }
+        return None;
+    }
+    if let Some(port) = explicit
+        && !node_port_range.contains(port)
+    {
+        report.error(
+            "spec.healthCheckNodePort",
+            format!("{port} is outside the node port range {node_port_range}"),
+        );
+    }
+    Some(HealthCheckRequest { explicit })
 }
 
 /// The addresses of `status.loadBalancer.ingress` that the node must translate. The status is

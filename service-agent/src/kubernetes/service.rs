@@ -117,6 +117,18 @@ pub fn convert(service: &core::Service, proxy_name: Option<&str>) -> Result<Conv
             .filter_map(|ingress| ingress.ip.as_deref()),
         |index, problem| context(&format!("status.loadBalancer.ingress[{index}].ip"), problem),
     )?;
+    // The API server allocated it for a LoadBalancer with policy Local; anything else has none.
+    let health_check_node_port = match spec.health_check_node_port {
+        Some(port) if port != 0 && external_traffic_policy == TrafficPolicy::Local => {
+            Some(u16::try_from(port).map_err(|_| {
+                context(
+                    "spec.healthCheckNodePort",
+                    format!("{port} is not a port number"),
+                )
+            })?)
+        }
+        _ => None,
+    };
     let created = service
         .metadata
         .creation_timestamp
@@ -129,6 +141,7 @@ pub fn convert(service: &core::Service, proxy_name: Option<&str>) -> Result<Conv
         external_ips,
         load_balancer_ips,
         external_traffic_policy,
+        health_check_node_port,
         ports,
         created,
     }))

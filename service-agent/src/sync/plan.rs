@@ -391,6 +391,7 @@ mod tests {
                 external_ips: Vec::new(),
                 load_balancer_ips: Vec::new(),
                 external_traffic_policy: TrafficPolicy::Cluster,
+                health_check_node_port: None,
                 ports: vec![ServicePort {
                     name: String::new(),
                     port: 80,

@@ -254,6 +254,7 @@ fn desired_state(services: usize) -> DesiredState {
             external_ips: Vec::new(),
             load_balancer_ips: Vec::new(),
             external_traffic_policy: TrafficPolicy::Cluster,
+            health_check_node_port: None,
             ports: vec![ServicePort {
                 name: "http".into(),
                 port: 80,
