@@ -46,6 +46,31 @@ pub fn list_links() -> Result<Vec<(u32, String)>> {
     }
 }
 
+/// The links whose name matches one of `globs`: name -> index.
+pub fn matching_links(globs: &[String]) -> Result<BTreeMap<String, u32>> {
+    Ok(list_links()?
+        .into_iter()
+        .filter(|(_, name)| globs.iter().any(|glob| glob_matches(glob, name)))
+        .map(|(index, name)| (name, index))
+        .collect())
+}
+
+/// Takes out of `attached` (name -> (index, attachment)) the links that are no longer `wanted`,
+/// or were re-created with another index, and returns them.
+pub fn take_vanished<T>(
+    attached: &mut BTreeMap<String, (u32, T)>,
+    wanted: &BTreeMap<String, u32>,
+) -> Vec<(String, (u32, T))> {
+    let gone: Vec<String> = attached
+        .iter()
+        .filter(|(name, (index, _))| wanted.get(*name) != Some(index))
+        .map(|(name, _)| name.clone())
+        .collect();
+    gone.into_iter()
+        .filter_map(|name| attached.remove(&name).map(|link| (name, link)))
+        .collect()
+}
+
 /// Keeps one program attached to exactly the matching links.
 pub struct LinkAttachments {
     /// The program's name, for messages.
@@ -71,36 +96,23 @@ impl LinkAttachments {
     /// Attaches to new matching links and forgets vanished ones (the kernel already detached
     /// those with the link). Returns the names newly attached.
     pub fn reconcile(&mut self, program: &mut SchedClassifier) -> Result<Vec<String>> {
-        let links = list_links()?;
-        let wanted: BTreeMap<&str, u32> = links
-            .iter()
-            .filter(|(_, name)| self.globs.iter().any(|g| glob_matches(g, name)))
-            .map(|(index, name)| (name.as_str(), *index))
-            .collect();
-        let gone: Vec<String> = self
-            .attached
-            .iter()
-            .filter(|(name, (index, _))| wanted.get(name.as_str()) != Some(index))
-            .map(|(name, _)| name.clone())
-            .collect();
-        for name in gone {
-            if let Some((_, link)) = self.attached.remove(&name) {
-                // Fails when the link went with its device; nothing is left to clean up then.
-                let _ = program.detach(link);
-                tracing::info!(interface = %name, program = self.program, "link gone, program detached");
-            }
+        let wanted = matching_links(&self.globs)?;
+        for (name, (_, link)) in take_vanished(&mut self.attached, &wanted) {
+            // Fails when the link went with its device; nothing is left to clean up then.
+            let _ = program.detach(link);
+            tracing::info!(interface = %name, program = self.program, "link gone, program detached");
         }
         let mut added = Vec::new();
         for (name, index) in wanted {
-            if self.attached.contains_key(name) {
+            if self.attached.contains_key(&name) {
                 continue;
             }
             let link = program
-                .attach(name, TcAttachType::Ingress)
+                .attach(&name, TcAttachType::Ingress)
                 .with_context(|| format!("attaching {} to {name}", self.program))?;
-            self.attached.insert(name.to_owned(), (index, link));
             tracing::info!(interface = %name, program = self.program, "attached");
-            added.push(name.to_owned());
+            self.attached.insert(name.clone(), (index, link));
+            added.push(name);
         }
         Ok(added)
     }

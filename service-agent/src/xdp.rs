@@ -15,7 +15,7 @@ use aya::{
 };
 use clap::ValueEnum;
 
-use crate::interfaces::{glob_matches, list_links};
+use crate::interfaces::{matching_links, take_vanished};
 
 /// How `external_xdp` is attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -55,30 +55,17 @@ impl XdpAttachments {
             XdpMode::Generic => AttachMode::Skb,
             XdpMode::Off => return Ok(()),
         };
-        let links = list_links()?;
-        let wanted: BTreeMap<&str, u32> = links
-            .iter()
-            .filter(|(_, name)| self.globs.iter().any(|g| glob_matches(g, name)))
-            .map(|(index, name)| (name.as_str(), *index))
-            .collect();
-        let gone: Vec<String> = self
-            .attached
-            .iter()
-            .filter(|(name, (index, _))| wanted.get(name.as_str()) != Some(index))
-            .map(|(name, _)| name.clone())
-            .collect();
-        for name in gone {
-            if let Some((index, link)) = self.attached.remove(&name) {
-                // Both fail when the link went with its device, which took them along.
-                let _ = egress.remove(index);
-                let _ = program.detach(link);
-                tracing::info!(interface = %name, "link gone, XDP detached");
-            }
+        let wanted = matching_links(&self.globs)?;
+        for (name, (index, link)) in take_vanished(&mut self.attached, &wanted) {
+            // Both fail when the link went with its device, which took them along.
+            let _ = egress.remove(index);
+            let _ = program.detach(link);
+            tracing::info!(interface = %name, "link gone, XDP detached");
         }
         self.refused
-            .retain(|name, index| wanted.get(name.as_str()) == Some(index));
+            .retain(|name, index| wanted.get(name) == Some(index));
         for (name, index) in wanted {
-            if self.attached.contains_key(name) || self.refused.contains_key(name) {
+            if self.attached.contains_key(&name) || self.refused.contains_key(&name) {
                 continue;
             }
             let link = match program.attach_to_if_index(index, attach_mode) {
@@ -89,17 +76,17 @@ impl XdpAttachments {
                         mode = ?self.mode,
                         "XDP refused ({err}); TC alone serves this link"
                     );
-                    self.refused.insert(name.to_owned(), index);
+                    self.refused.insert(name, index);
                     continue;
                 }
             };
-            self.attached.insert(name.to_owned(), (index, link));
             tracing::info!(interface = %name, mode = ?self.mode, "XDP attached");
             // Without the entry, XDP still translates on this link but never sends out of it:
             // the stack forwards instead.
             if let Err(err) = egress.insert(index, index, None, 0) {
                 tracing::error!(interface = %name, "adding the link to XDP_EGRESS: {err}");
             }
+            self.attached.insert(name, (index, link));
         }
         Ok(())
     }
