@@ -200,6 +200,16 @@ impl<'t> Agent<'t> {
         fs::read_to_string(&self.log).with_context(|| format!("reading {}", self.log.display()))
     }
 
+    /// The `synced` lines of the agent's log, in order: one per sync that wrote the maps.
+    pub fn synced_lines(&self) -> Result<Vec<String>> {
+        Ok(self
+            .log()?
+            .lines()
+            .filter(|line| line.contains(" synced "))
+            .map(str::to_owned)
+            .collect())
+    }
+
     /// The agent's pin directory (`--pin-dir`), which it must remove when it stops.
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir

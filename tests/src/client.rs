@@ -12,7 +12,11 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use crate::{netns, topology::Pod};
+use crate::{
+    netns,
+    poll::{CONVERGENCE_TIMEOUT, eventually},
+    topology::Pod,
+};
 
 /// How long a request may take. Generous for a veth hop, short enough that a test sampling dozens
 /// of requests against a dead address still fails fast.
@@ -115,6 +119,18 @@ impl Pod {
             Transport::Tcp => self.tcp_request(to),
             Transport::Udp => self.udp_request(to),
         }
+    }
+
+    /// Waits until `to` gives no answer at all (connection refused, unreachable or timed out).
+    pub fn wait_until_unanswered(&self, transport: Transport, to: SocketAddrV4) -> Result<()> {
+        eventually(
+            CONVERGENCE_TIMEOUT,
+            &format!("{transport} {to} unanswered"),
+            || match self.request(transport, to) {
+                Ok(backend) => bail!("{backend} still answers"),
+                Err(_) => Ok(()),
+            },
+        )
     }
 
     /// Sends `requests` requests, each on a new connection or socket (so that each is a new

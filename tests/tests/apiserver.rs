@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use integration_tests::{
     agent::Agent,
     apiserver::{
@@ -89,28 +89,6 @@ fn start_agent<'t>(
     Agent::start_with_kubeconfig(topology, &kubeconfig, extra_args)
 }
 
-/// Waits until `to` gives no answer at all.
-fn wait_until_unanswered(client: &Pod, transport: Transport, to: SocketAddrV4) -> Result<()> {
-    eventually(
-        CONVERGENCE_TIMEOUT,
-        &format!("{transport} {to} unanswered"),
-        || match client.request(transport, to) {
-            Ok(backend) => bail!("{backend} still answers"),
-            Err(_) => Ok(()),
-        },
-    )
-}
-
-/// The `synced` lines of the agent's log, in order.
-fn synced_lines(agent: &Agent) -> Result<Vec<String>> {
-    Ok(agent
-        .log()?
-        .lines()
-        .filter(|line| line.contains(" synced "))
-        .map(str::to_owned)
-        .collect())
-}
-
 #[test]
 fn a_service_created_through_the_api_answers_and_follows_its_slices() -> Result<()> {
     if !privileged("a_service_created_through_the_api_answers_and_follows_its_slices") {
@@ -148,8 +126,8 @@ fn a_service_created_through_the_api_answers_and_follows_its_slices() -> Result<
     // Deleted: the ClusterIP stops answering.
     api.delete(Resource::Services, DEFAULT, WEB);
     agent.wait_for_service_removal(DEFAULT, WEB)?;
-    wait_until_unanswered(&client, Transport::Tcp, tcp())?;
-    wait_until_unanswered(&client, Transport::Udp, udp())?;
+    client.wait_until_unanswered(Transport::Tcp, tcp())?;
+    client.wait_until_unanswered(Transport::Udp, udp())?;
     agent.stop()?;
     Ok(())
 }
@@ -305,7 +283,7 @@ fn an_api_outage_mid_run_changes_nothing_in_the_dataplane() -> Result<()> {
     let agent = start_agent(&topology, &api, &[])?;
     agent.wait_for_backends(&client, Transport::Tcp, tcp(), &["web-0", "web-1"])?;
     let programmed = agent.services()?;
-    let syncs = synced_lines(&agent)?.len();
+    let syncs = agent.synced_lines()?.len();
 
     api.set_outage(true);
     eventually(CONVERGENCE_TIMEOUT, "the cut watch logged", || {
@@ -318,9 +296,9 @@ fn an_api_outage_mid_run_changes_nothing_in_the_dataplane() -> Result<()> {
     // Several backoff rounds: every one fails, and none may touch the maps.
     thread::sleep(Duration::from_secs(3));
     ensure!(
-        synced_lines(&agent)?.len() == syncs,
+        agent.synced_lines()?.len() == syncs,
         "the agent synced during the outage: {:?}",
-        &synced_lines(&agent)?[syncs..]
+        &agent.synced_lines()?[syncs..]
     );
     ensure!(
         agent.services()? == programmed,
@@ -363,7 +341,7 @@ fn a_watch_answered_410_gone_relists_without_flushing() -> Result<()> {
     let agent = start_agent(&topology, &api, &[])?;
     agent.wait_for_backends(&client, Transport::Tcp, tcp(), &["web-0"])?;
     let lists = api.lists_of(Resource::Services);
-    let syncs = synced_lines(&agent)?.len();
+    let syncs = agent.synced_lines()?.len();
 
     // History compacted and the watches cut: resuming gets 410, the agent relists, finds the
     // same cluster, and its sync writes nothing.
@@ -375,12 +353,12 @@ fn a_watch_answered_410_gone_relists_without_flushing() -> Result<()> {
             "no new list of services"
         );
         ensure!(
-            synced_lines(&agent)?.len() > syncs,
+            agent.synced_lines()?.len() > syncs,
             "no sync after the relist"
         );
         Ok(())
     })?;
-    let relist_syncs = &synced_lines(&agent)?[syncs..];
+    let relist_syncs = &agent.synced_lines()?[syncs..];
     ensure!(
         relist_syncs
             .iter()
@@ -416,10 +394,10 @@ fn a_burst_of_watch_events_becomes_a_few_syncs() -> Result<()> {
     let api = StandInApiServer::start_in(topology.node_netns())?;
     let agent = start_agent(&topology, &api, &[])?;
     eventually(CONVERGENCE_TIMEOUT, "the first sync", || {
-        ensure!(!synced_lines(&agent)?.is_empty(), "not synced yet");
+        ensure!(!agent.synced_lines()?.is_empty(), "not synced yet");
         Ok(())
     })?;
-    let syncs = synced_lines(&agent)?.len();
+    let syncs = agent.synced_lines()?.len();
 
     let name = |index: usize| format!("burst-{index}");
     let cluster_ip = |index: usize| Ipv4Addr::new(10, 96, 1, index as u8);
@@ -448,7 +426,7 @@ fn a_burst_of_watch_events_becomes_a_few_syncs() -> Result<()> {
         );
         Ok(())
     })?;
-    let burst_syncs = synced_lines(&agent)?.len() - syncs;
+    let burst_syncs = agent.synced_lines()?.len() - syncs;
     // 100 events, written back to back: gathered into a few syncs, not one each.
     ensure!(
         burst_syncs <= 10,

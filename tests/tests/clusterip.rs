@@ -11,12 +11,11 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use integration_tests::{
     agent::{self, Agent},
     client::{Tally, Transport},
     manifest::{self, ManifestDir, SERVICE_TCP_PORT, SERVICE_UDP_PORT},
-    poll::{CONVERGENCE_TIMEOUT, eventually},
     privileged,
     topology::{Pod, Topology},
 };
@@ -77,18 +76,6 @@ fn assert_answered_by_all(tally: &Tally, backends: &[Pod], what: &str) -> Result
         "{what}: answered by pods that are not backends: {tally:?}"
     );
     Ok(())
-}
-
-/// Waits until `to` gives no answer at all (connection refused, unreachable or timed out).
-fn wait_until_unanswered(client: &Pod, transport: Transport, to: SocketAddrV4) -> Result<()> {
-    eventually(
-        CONVERGENCE_TIMEOUT,
-        &format!("{transport} {to} unanswered"),
-        || match client.request(transport, to) {
-            Ok(backend) => bail!("{backend} still answers"),
-            Err(_) => Ok(()),
-        },
-    )
 }
 
 #[test]
@@ -209,8 +196,8 @@ fn deleting_a_service_stops_its_clusterip_and_recreating_it_restores_it() -> Res
 
     manifests.remove("service.yaml")?;
     agent.wait_for_service_removal(DEFAULT, WEB)?;
-    wait_until_unanswered(&client, Transport::Tcp, tcp(old_ip))?;
-    wait_until_unanswered(&client, Transport::Udp, udp(old_ip))?;
+    client.wait_until_unanswered(Transport::Tcp, tcp(old_ip))?;
+    client.wait_until_unanswered(Transport::Udp, udp(old_ip))?;
 
     // An explicit clusterIP, so the new VIP cannot be the old one by allocation.
     let new_ip = Ipv4Addr::new(10, 100, 0, 100);

@@ -603,16 +603,7 @@ fn type_changes_open_and_close_node_ports_live() -> Result<()> {
     let node_port = tcp(lan::node_ip(NODE_A), 30084);
     let ingress = Ipv4Addr::new(203, 0, 113, 30);
     let load_balancer = tcp(ingress, SERVICE_TCP_PORT);
-    let unanswered = |to: SocketAddrV4| {
-        eventually(
-            CONVERGENCE_TIMEOUT,
-            &format!("{to} unanswered"),
-            || match client.tcp_request(to) {
-                Ok(backend) => bail!("{backend} still answers"),
-                Err(_) => Ok(()),
-            },
-        )
-    };
+    let unanswered = |to: SocketAddrV4| client.wait_until_unanswered(Transport::Tcp, to);
     unanswered(node_port)?;
 
     write(&Exposure {

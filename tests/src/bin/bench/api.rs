@@ -85,7 +85,7 @@ pub fn measure(services: usize, changes: usize) -> Result<ApiRun> {
 
     let first_sync = wait_for_sync(&agent, 0)?;
     // Its read_ms and sync_ms split the figure between the source and the syncer.
-    if let Some(line) = synced_lines(&agent)?.first() {
+    if let Some(line) = agent.synced_lines()?.first() {
         eprintln!("  first sync: {}", line.split(": ").nth(1).unwrap_or(line));
     }
     let lists_written = [Resource::Services, Resource::EndpointSlices]
@@ -112,7 +112,7 @@ pub fn measure(services: usize, changes: usize) -> Result<ApiRun> {
             ENDPOINTS_PER_SERVICE
         };
         let count = counts[index];
-        let syncs = synced_lines(&agent)?.len();
+        let syncs = agent.synced_lines()?.len();
         let resource_version = api.apply(
             Resource::EndpointSlices,
             slice(index, count, topology.node_name()),
@@ -165,7 +165,7 @@ pub fn markdown(runs: &[ApiRun]) -> String {
 fn wait_for_sync(agent: &Agent, seen: usize) -> Result<SystemTime> {
     let deadline = Instant::now() + SYNC_TIMEOUT;
     loop {
-        if let Some(line) = synced_lines(agent)?.get(seen) {
+        if let Some(line) = agent.synced_lines()?.get(seen) {
             return log_time(line).with_context(|| format!("no timestamp in {line:?}"));
         }
         if Instant::now() >= deadline {
@@ -176,19 +176,10 @@ fn wait_for_sync(agent: &Agent, seen: usize) -> Result<SystemTime> {
 }
 
 fn first_sync_programmed(agent: &Agent, services: usize) -> Result<bool> {
-    let lines = synced_lines(agent)?;
+    let lines = agent.synced_lines()?;
     Ok(lines
         .first()
         .is_some_and(|line| line.contains(&format!(" services={services} "))))
-}
-
-fn synced_lines(agent: &Agent) -> Result<Vec<String>> {
-    Ok(agent
-        .log()?
-        .lines()
-        .filter(|line| line.contains(" synced "))
-        .map(str::to_owned)
-        .collect())
 }
 
 /// The RFC 3339 UTC timestamp that starts a log line (`2026-12-06T01:17:37.540757Z`).
