@@ -37,7 +37,7 @@ pub fn serve(path: &Path, state: watch::Receiver<Arc<DesiredState>>) -> Result<A
             };
             let snapshot = Arc::clone(&state.borrow());
             tokio::spawn(async move {
-                let services: Vec<&Service> = snapshot.services.values().collect();
+                let services: Vec<&Service> = snapshot.services.values().map(|s| &**s).collect();
                 if let Ok(body) = serde_json::to_vec(&services) {
                     let _ = stream.write_all(&body).await;
                 }

@@ -1,7 +1,7 @@
 //! The desired state of the node's Service dataplane, as every source (manifest files today, the
 //! Kubernetes API later) produces it and the syncer consumes it. Nothing here knows about BPF maps.
 
-use std::{collections::BTreeMap, fmt, net::Ipv4Addr, time::SystemTime};
+use std::{collections::BTreeMap, fmt, net::Ipv4Addr, sync::Arc, time::SystemTime};
 
 use serde::{Deserialize, Serialize};
 
@@ -120,10 +120,11 @@ pub struct Service {
     pub created: SystemTime,
 }
 
-/// Everything the node should serve.
+/// Everything the node should serve. Services are shared, so that a source hands out a new state
+/// without copying the Services it did not change (and the syncer sees at once which ones it did).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DesiredState {
-    pub services: BTreeMap<ServiceName, Service>,
+    pub services: BTreeMap<ServiceName, Arc<Service>>,
 }
 
 /// The node this agent serves, as far as the desired maps depend on it.

@@ -171,7 +171,9 @@ fn load_balancer_service(backends: &[u8]) -> Service {
 fn desired(services: impl IntoIterator<Item = Service>) -> DesiredState {
     let mut desired = DesiredState::default();
     for service in services {
-        desired.services.insert(service.name.clone(), service);
+        desired
+            .services
+            .insert(service.name.clone(), service.into());
     }
     desired
 }

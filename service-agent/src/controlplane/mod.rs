@@ -23,6 +23,7 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::Ipv4Addr,
     path::PathBuf,
+    sync::Arc,
     time::SystemTime,
 };
 
@@ -278,7 +279,7 @@ impl ControlPlane {
                 .collect();
             state.services.insert(
                 name.clone(),
-                Service {
+                Arc::new(Service {
                     name: name.clone(),
                     service_type: definition.service_type,
                     cluster_ip,
@@ -288,7 +289,7 @@ impl ControlPlane {
                     health_check_node_port: health_check_node_port.flatten(),
                     ports,
                     created: candidate.created,
-                },
+                }),
             );
             self.cluster_ips.insert(name.clone(), cluster_ip);
             for node_port in node_ports

@@ -2,7 +2,10 @@
 //! only mark the Services they touch; `rebuild` then recomputes those Services alone, so a burst
 //! of events over 10,000 Services costs what the burst touched, and one sync follows it.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::Arc,
+};
 
 use k8s_openapi::api::{core::v1 as core, discovery::v1 as discovery};
 
@@ -179,9 +182,13 @@ impl ClusterState {
                 .get(&name)
                 .map(|service| self.with_endpoints(service, &mut problems));
             changed |= match rebuilt {
-                Some(service) if self.desired.services.get(&name) == Some(&service) => false,
+                Some(service)
+                    if self.desired.services.get(&name).map(|s| &**s) == Some(&service) =>
+                {
+                    false
+                }
                 Some(service) => {
-                    self.desired.services.insert(name, service);
+                    self.desired.services.insert(name, Arc::new(service));
                     true
                 }
                 None => self.desired.services.remove(&name).is_some(),

@@ -1,14 +1,22 @@
 //! The one writer of the service maps: compares the desired model with what the maps hold and
-//! writes the difference. A full resync (agent start) and an incremental change are the same call.
+//! writes the difference. A full resync (agent start) and an incremental change are the same call;
+//! the ledger makes the second cost what the change touched, not what the node serves.
 
+mod contents;
+mod ledger;
 mod plan;
+#[cfg(test)]
+mod tests;
 
 use std::collections::BTreeSet;
 
 use anyhow::{Context as _, Result};
 use service_common::IPPROTO_UDP;
 
-pub use self::plan::{IdAllocator, MapContents, MapOp, desired_contents, diff};
+pub use self::{
+    contents::{IdAllocator, MapContents, MapOp, diff},
+    ledger::{Ledger, Plan},
+};
 use crate::{
     dataplane::ServiceMaps,
     model::{DesiredState, Node},
@@ -22,38 +30,40 @@ pub struct SyncReport {
 }
 
 pub struct Syncer {
-    /// What the maps hold: read once at start, then kept in step with every successful write.
-    current: MapContents,
-    ids: IdAllocator,
-    node: Node,
+    ledger: Ledger,
 }
 
 impl Syncer {
     /// Reads what the maps hold now (empty on a fresh start, the previous agent's state when the
     /// maps were pinned), so the first sync only writes what differs.
     pub fn new(maps: &ServiceMaps, node: Node) -> Result<Self> {
-        let current = maps.read_contents()?;
-        let ids = IdAllocator::after(&current);
-        Ok(Self { current, ids, node })
+        Ok(Self {
+            ledger: Ledger::new(maps.read_contents()?, node),
+        })
     }
 
     pub fn sync(&mut self, desired: &DesiredState, maps: &mut ServiceMaps) -> Result<SyncReport> {
-        let next = desired_contents(desired, &self.node, &self.current, &mut self.ids);
-        let ops = diff(&self.current, &next);
-        let before = self.current.frontend_backends();
-        for op in &ops {
-            maps.apply(op)
-                .with_context(|| format!("writing {op:?} to the service maps"))?;
-            self.current.record(op);
+        let plan = self.ledger.plan(desired);
+        for op in &plan.ops {
+            if let Err(err) = maps.apply(op) {
+                // The maps hold the last good state plus the writes that succeeded: the next
+                // sync compares all of them.
+                self.ledger.write_failed();
+                return Err(err.context(format!("writing {op:?} to the service maps")));
+            }
+            self.ledger.record(op);
         }
-        let after = self.current.frontend_backends();
-        let conntrack_purged = if before.is_subset(&after) {
-            0
+        let backend_deleted = plan
+            .ops
+            .iter()
+            .any(|op| matches!(op, MapOp::DeleteBackend(_)));
+        let conntrack_purged = if backend_deleted || !plan.removed_pairs.is_empty() {
+            self.purge_conntrack(&plan.removed_pairs, maps)?
         } else {
-            self.purge_conntrack(&before, &after, maps)?
+            0
         };
         Ok(SyncReport {
-            map_writes: ops.len(),
+            map_writes: plan.ops.len(),
             conntrack_purged,
         })
     }
@@ -64,16 +74,17 @@ impl Syncer {
     /// service but still exists are left to finish (graceful termination).
     fn purge_conntrack(
         &self,
-        before: &BTreeSet<(u32, u32)>,
-        after: &BTreeSet<(u32, u32)>,
+        removed: &BTreeSet<(u32, u32)>,
         maps: &mut ServiceMaps,
     ) -> Result<usize> {
-        let removed: BTreeSet<&(u32, u32)> = before.difference(after).collect();
-        let stale = maps.conntrack_keys_where(|key, entry| {
-            !self.current.backends.contains_key(&entry.backend_id)
-                || (key.protocol == IPPROTO_UDP
-                    && removed.contains(&(entry.rev_nat_id, entry.backend_id)))
-        })?;
+        let backends = &self.ledger.current().backends;
+        let stale = maps
+            .conntrack_keys_where(|key, entry| {
+                !backends.contains_key(&entry.backend_id)
+                    || (key.protocol == IPPROTO_UDP
+                        && removed.contains(&(entry.rev_nat_id, entry.backend_id)))
+            })
+            .context("looking for flows of removed backends")?;
         for key in &stale {
             maps.forget_flow(key)?;
         }

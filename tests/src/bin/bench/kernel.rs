@@ -264,7 +264,7 @@ fn desired_state(services: usize) -> DesiredState {
             }],
             created: SystemTime::now(),
         };
-        desired.services.insert(name, service);
+        desired.services.insert(name, service.into());
     }
     desired
 }

@@ -1,0 +1,239 @@
+//! What each Service put in the maps, so that a change re-plans only the Services it touched:
+//! one endpoint change among 10,000 Services writes (and costs) what that Service owns.
+//!
+//! The maps' content is the union of every Service's share. A share depends on the Service, the
+//! node, the current ids and slots (kept when unchanged), and which contested frontends the
+//! Service owns. Ownership is the only link between Services: when a Service's frontends change,
+//! every Service asking for one of them is re-planned too. Backends are shared by id; a backend
+//! entry lives while some share holds it.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, hash_map::Entry},
+    sync::Arc,
+    time::SystemTime,
+};
+
+use service_common::{BackendV4, ServiceKeyV4};
+
+use super::{
+    contents::{IdAllocator, MapContents, MapOp, diff},
+    plan::{PlanContext, plan_service, wanted_frontends},
+};
+use crate::model::{DesiredState, Node, Service, ServiceName};
+
+/// Who asks for a frontend. The oldest Service owns it (then the first by name), as the API
+/// server's own allocators let the first holder keep an address: a new Service listing an
+/// external IP already in use never takes it from the one serving it.
+type Claimant = (SystemTime, ServiceName);
+
+/// One Service as last planned.
+struct Planned {
+    service: Arc<Service>,
+    /// Every frontend it asks for, owned or not.
+    frontends: BTreeSet<ServiceKeyV4>,
+    /// What it put in the maps.
+    share: MapContents,
+}
+
+/// The writes of one sync, and which flows they take away from their frontend.
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub ops: Vec<MapOp>,
+    /// (rev-NAT id, backend id) pairs that no frontend holds anymore.
+    pub removed_pairs: BTreeSet<(u32, u32)>,
+}
+
+pub struct Ledger {
+    node: Node,
+    /// What the maps hold: read once at start, then kept in step with every successful write.
+    current: MapContents,
+    ids: IdAllocator,
+    /// The id of each backend some share holds (at start: each backend the maps hold).
+    backend_ids: HashMap<BackendV4, u32>,
+    /// How many shares hold each backend id.
+    backend_users: HashMap<u32, usize>,
+    planned: BTreeMap<ServiceName, Planned>,
+    claims: HashMap<ServiceKeyV4, BTreeSet<Claimant>>,
+    /// Set at start and after a failed write: the next plan compares the whole of the maps with
+    /// the whole of the shares (removing what a previous agent left), not only changed shares.
+    full: bool,
+}
+
+impl Ledger {
+    pub fn new(current: MapContents, node: Node) -> Self {
+        Ledger {
+            node,
+            ids: IdAllocator::after(&current),
+            backend_ids: current.backends.iter().map(|(id, b)| (*b, *id)).collect(),
+            current,
+            backend_users: HashMap::new(),
+            planned: BTreeMap::new(),
+            claims: HashMap::new(),
+            full: true,
+        }
+    }
+
+    pub fn current(&self) -> &MapContents {
+        &self.current
+    }
+
+    /// Keeps the ledger in step with a write that reached the maps.
+    pub fn record(&mut self, op: &MapOp) {
+        self.current.record(op);
+    }
+
+    /// A write of the last plan failed: what the maps hold is no longer what the shares say.
+    pub fn write_failed(&mut self) {
+        self.full = true;
+    }
+
+    /// The writes that bring the maps to `desired`, in an order that never exposes a
+    /// half-written frontend. The ledger takes `desired` as planned at once; the caller records
+    /// each write that succeeds, and reports a failed one.
+    pub fn plan(&mut self, desired: &DesiredState) -> Plan {
+        let changed = self.changed_services(desired);
+        let dirty = self.update_claims(&changed, desired);
+
+        let mut before = MapContents::default();
+        let mut after = MapContents::default();
+        let mut user_changes: HashMap<u32, isize> = HashMap::new();
+        for name in &dirty {
+            if let Some(previous) = self.planned.remove(name) {
+                for id in previous.share.backends.keys() {
+                    *user_changes.entry(*id).or_default() -= 1;
+                }
+                before.extend(&previous.share);
+            }
+            let Some(service) = desired.services.get(name) else {
+                continue;
+            };
+            let claimant = (service.created, name.clone());
+            let claims = &self.claims;
+            let owns =
+                |key: &ServiceKeyV4| claims.get(key).and_then(BTreeSet::first) == Some(&claimant);
+            let mut cx = PlanContext {
+                current: &self.current,
+                ids: &mut self.ids,
+                backend_ids: &mut self.backend_ids,
+            };
+            let share = plan_service(service, &self.node, owns, &mut cx);
+            for id in share.backends.keys() {
+                *user_changes.entry(*id).or_default() += 1;
+            }
+            after.extend(&share);
+            let planned = Planned {
+                service: service.clone(),
+                frontends: wanted_frontends(service, &self.node),
+                share,
+            };
+            self.planned.insert(name.clone(), planned);
+        }
+        let (added, removed) = self.count_backend_users(user_changes);
+        before.backends.retain(|id, _| removed.contains(id));
+        for backend in before.backends.values() {
+            self.backend_ids.remove(backend);
+        }
+        after.backends.retain(|id, _| added.contains(id));
+
+        if std::mem::take(&mut self.full) {
+            before = self.current.clone();
+            after = MapContents::default();
+            for planned in self.planned.values() {
+                after.extend(&planned.share);
+            }
+            let users = &self.backend_users;
+            self.backend_ids.retain(|_, id| users.contains_key(id));
+        }
+        let removed_pairs = before
+            .frontend_backends()
+            .difference(&after.frontend_backends())
+            .copied()
+            .collect();
+        Plan {
+            ops: diff(&before, &after),
+            removed_pairs,
+        }
+    }
+
+    /// The Services added, changed or removed since the last plan: both maps are sorted by name,
+    /// so one walk finds them; an unchanged Service is usually the same `Arc`.
+    fn changed_services(&self, desired: &DesiredState) -> Vec<ServiceName> {
+        let mut changed = Vec::new();
+        let mut planned = self.planned.iter().peekable();
+        for (name, service) in &desired.services {
+            while let Some((gone, _)) = planned.next_if(|(old, _)| *old < name) {
+                changed.push(gone.clone());
+            }
+            match planned.next_if(|(old, _)| *old == name) {
+                Some((_, old)) if Arc::ptr_eq(&old.service, service) || old.service == *service => {
+                }
+                _ => changed.push(name.clone()),
+            }
+        }
+        changed.extend(planned.map(|(gone, _)| gone.clone()));
+        changed
+    }
+
+    /// Moves the claims of `changed` Services to their new frontends, and returns the Services
+    /// to re-plan: the changed ones and every other claimant of a frontend they left or asked for
+    /// (its owner may have changed).
+    fn update_claims(
+        &mut self,
+        changed: &[ServiceName],
+        desired: &DesiredState,
+    ) -> BTreeSet<ServiceName> {
+        let mut touched = BTreeSet::new();
+        for name in changed {
+            if let Some(previous) = self.planned.get(name) {
+                let claimant = (previous.service.created, name.clone());
+                for key in &previous.frontends {
+                    if let Entry::Occupied(mut claims) = self.claims.entry(*key) {
+                        claims.get_mut().remove(&claimant);
+                        if claims.get().is_empty() {
+                            claims.remove();
+                        }
+                    }
+                    touched.insert(*key);
+                }
+            }
+            if let Some(service) = desired.services.get(name) {
+                let claimant = (service.created, name.clone());
+                for key in wanted_frontends(service, &self.node) {
+                    self.claims.entry(key).or_default().insert(claimant.clone());
+                    touched.insert(key);
+                }
+            }
+        }
+        let mut dirty: BTreeSet<ServiceName> = changed.iter().cloned().collect();
+        for key in &touched {
+            let claimants = self.claims.get(key).into_iter().flatten();
+            dirty.extend(claimants.map(|(_, name)| name.clone()));
+        }
+        dirty
+    }
+
+    /// Applies the changes in how many shares hold each backend id, and returns the ids that
+    /// gained their first user and those that lost their last.
+    fn count_backend_users(
+        &mut self,
+        changes: HashMap<u32, isize>,
+    ) -> (BTreeSet<u32>, BTreeSet<u32>) {
+        let (mut added, mut removed) = (BTreeSet::new(), BTreeSet::new());
+        for (id, change) in changes {
+            let before = self.backend_users.get(&id).copied().unwrap_or(0);
+            let after = before.saturating_add_signed(change);
+            if after == 0 {
+                self.backend_users.remove(&id);
+                if before > 0 {
+                    removed.insert(id);
+                }
+            } else {
+                self.backend_users.insert(id, after);
+                if before == 0 {
+                    added.insert(id);
+                }
+            }
+        }
+        (added, removed)
+    }
+}
