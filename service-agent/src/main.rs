@@ -85,6 +85,11 @@ pub struct RunArgs {
     /// Unix socket that `service-agent get` reads.
     #[arg(long, default_value = api::DEFAULT_SOCKET)]
     api_socket: PathBuf,
+    /// Where the node's network sysctls are written (rp_filter and accept_local of the links the
+    /// programs attach to). In a container, where /proc/sys is read-only, mount the host's
+    /// /proc/sys/net elsewhere and name it here (deploy/daemonset.yaml uses /host/proc/sys/net).
+    #[arg(long, default_value = "/proc/sys/net")]
+    proc_sys_net: PathBuf,
     /// This node's IPs (NodePort frontends); repeatable.
     #[arg(long = "node-ip")]
     node_ips: Vec<Ipv4Addr>,

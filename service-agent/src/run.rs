@@ -1,7 +1,7 @@
 //! `service-agent run`: load, attach, then keep the maps in step with the manifests or the API
 //! server.
 
-use std::{fs, sync::Arc, time::Duration};
+use std::{fs, path::Path, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 use service_agent::{
@@ -136,7 +136,7 @@ async fn serve_until_signal(
             }
         }
         for links in &mut links {
-            if let Err(err) = attach_new_links(links, dataplane) {
+            if let Err(err) = attach_new_links(links, dataplane, &args.proc_sys_net) {
                 tracing::error!("{err:#}");
             }
         }
@@ -196,8 +196,8 @@ fn check_snat_ports(args: &RunArgs) -> Result<()> {
             snat.last
         );
     }
-    let path = "/proc/sys/net/ipv4/ip_local_port_range";
-    if let Some(local) = fs::read_to_string(path).ok().and_then(|text| {
+    let path = args.proc_sys_net.join("ipv4/ip_local_port_range");
+    if let Some(local) = fs::read_to_string(&path).ok().and_then(|text| {
         let mut bounds = text.split_whitespace().map(str::parse::<u16>);
         Some(PortRange {
             first: bounds.next()?.ok()?,
@@ -206,14 +206,19 @@ fn check_snat_ports(args: &RunArgs) -> Result<()> {
     }) && overlap(local, snat)
     {
         tracing::warn!(
-            "{path} ({local}) overlaps the SNAT ports ({snat}): a connection of the node's own \
-             may share a tuple with a SNATed flow to the same backend"
+            "{} ({local}) overlaps the SNAT ports ({snat}): a connection of the node's own \
+             may share a tuple with a SNATed flow to the same backend",
+            path.display()
         );
     }
     Ok(())
 }
 
-fn attach_new_links(links: &mut LinkAttachments, dataplane: &mut Dataplane) -> Result<()> {
+fn attach_new_links(
+    links: &mut LinkAttachments,
+    dataplane: &mut Dataplane,
+    proc_sys_net: &Path,
+) -> Result<()> {
     for name in links.reconcile(dataplane.tc_program(links.program()))? {
         // Replies leave the backend's link with the service IP as source, for which the node
         // has no route back through that link: reverse-path filtering would drop them.
@@ -226,8 +231,9 @@ fn attach_new_links(links: &mut LinkAttachments, dataplane: &mut Dataplane) -> R
             (name.as_str(), "rp_filter", "0"),
             (name.as_str(), "accept_local", "1"),
         ] {
-            let path = format!("/proc/sys/net/ipv4/conf/{conf}/{key}");
-            fs::write(&path, value).with_context(|| format!("writing {value} to {path}"))?;
+            let path = proc_sys_net.join(format!("ipv4/conf/{conf}/{key}"));
+            fs::write(&path, value)
+                .with_context(|| format!("writing {value} to {}", path.display()))?;
         }
     }
     Ok(())

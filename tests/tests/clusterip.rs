@@ -16,6 +16,7 @@ use integration_tests::{
     agent::{self, Agent},
     client::{Tally, Transport},
     manifest::{self, ManifestDir, SERVICE_TCP_PORT, SERVICE_UDP_PORT},
+    poll::{CONVERGENCE_TIMEOUT, eventually},
     privileged,
     topology::{Pod, Topology},
 };
@@ -351,4 +352,49 @@ fn sigterm_detaches_the_programs_and_removes_the_pins() -> Result<()> {
         "{cluster_ip} still answers after the agent stopped"
     );
     Ok(())
+}
+
+#[test]
+fn the_link_sysctls_are_written_where_proc_sys_net_says() -> Result<()> {
+    if !privileged("the_link_sysctls_are_written_where_proc_sys_net_says") {
+        return Ok(());
+    }
+    // A container's own /proc/sys is read-only; the DaemonSet hands the agent the host's
+    // /proc/sys/net mounted elsewhere. A directory of the same shape stands in for it here.
+    let topology = Topology::new()?;
+    let client = topology.add_pod("client", CLIENT_IP)?;
+    let proc_sys_net = topology.scratch_dir().join("host-proc-sys-net");
+    let conf = proc_sys_net.join("ipv4/conf");
+    for link in ["all", client.node_link.as_str()] {
+        std::fs::create_dir_all(conf.join(link))?;
+    }
+    let manifests = ManifestDir::create(&topology)?;
+    let proc_sys_net_arg = proc_sys_net.to_str().context("non-UTF-8 scratch path")?;
+    let _agent = Agent::start_with(
+        &topology,
+        &[manifests.path()],
+        &["--proc-sys-net", proc_sys_net_arg],
+    )?;
+    let expected = [
+        ("all", "rp_filter", "0"),
+        (client.node_link.as_str(), "rp_filter", "0"),
+        (client.node_link.as_str(), "accept_local", "1"),
+    ];
+    eventually(
+        CONVERGENCE_TIMEOUT,
+        "the agent wrote the link sysctls under --proc-sys-net",
+        || {
+            for (link, key, value) in expected {
+                let path = conf.join(link).join(key);
+                let written = std::fs::read_to_string(&path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                ensure!(
+                    written.trim() == value,
+                    "{} holds {written:?}",
+                    path.display()
+                );
+            }
+            Ok(())
+        },
+    )
 }
