@@ -13,9 +13,9 @@ use aya::{
     programs::{CgroupSockAddr, SchedClassifier, Xdp},
 };
 use service_common::{
-    BACKENDS_V4_MAP, BackendV4, CONNTRACK_V4_MAP, ConntrackEntryV4, ConntrackKeyV4, NODE_V4_MAP,
-    NodeV4, PIN_LAYOUT, REV_NAT_V4_MAP, RevNatV4, SERVICES_V4_MAP, SOCKET_REV_NAT_V4_MAP,
-    ServiceEntry, ServiceKeyV4, XDP_EGRESS_MAP,
+    BACKENDS_V4_MAP, BackendV4, CONNTRACK_V4_MAP, ConntrackEntryV4, ConntrackKeyV4,
+    NODE_SOCKET_LB_PODS, NODE_V4_MAP, NodeV4, PIN_LAYOUT, REV_NAT_V4_MAP, RevNatV4,
+    SERVICES_V4_MAP, SOCKET_REV_NAT_V4_MAP, ServiceEntry, ServiceKeyV4, XDP_EGRESS_MAP,
 };
 
 use crate::{
@@ -190,9 +190,10 @@ impl ServiceMaps {
         })
     }
 
-    /// Tells the kernel side which address SNATed flows leave with (0: none), and which network
-    /// namespace is the node's: the agent's own.
-    pub fn set_node(&mut self, node: &Node) -> Result<()> {
+    /// Tells the kernel side which address SNATed flows leave with (0: none), which network
+    /// namespace is the node's (the agent's own), and whether pods' sockets are balanced at
+    /// connect() too.
+    pub fn set_node(&mut self, node: &Node, socket_lb: SocketLbScope) -> Result<()> {
         let snat_address = node
             .ips
             .first()
@@ -203,6 +204,11 @@ impl ServiceMaps {
             snat_address,
             cpus: u32::try_from(cpus).context("more CPUs than u32")?,
             netns_cookie: own_netns_cookie()?,
+            flags: match socket_lb {
+                SocketLbScope::NodeAndPods => NODE_SOCKET_LB_PODS,
+                SocketLbScope::NodeOnly => 0,
+            },
+            _pad: 0,
         };
         self.node.set(0, node, 0).context("writing NODE_V4")
     }
@@ -259,6 +265,15 @@ impl ServiceMaps {
             Err(err) => Err(err).context("deleting a conntrack entry"),
         }
     }
+}
+
+/// Whose sockets the cgroup socket hooks balance.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SocketLbScope {
+    /// The node's own processes (TCP and UDP) and pods' TCP connections.
+    NodeAndPods,
+    /// The node's own processes only (`--socket-lb-host-only`).
+    NodeOnly,
 }
 
 /// `SO_NETNS_COOKIE` (Linux 5.14), which the libc crate does not export.

@@ -104,12 +104,17 @@ pub struct RunArgs {
     #[arg(long, default_value_t = DEFAULT_NODE_PORT_RANGE)]
     node_port_range: PortRange,
     /// cgroup v2 directory whose processes get socket-level load balancing (connect, sendmsg,
-    /// recvmsg, getpeername), so that the node's own processes reach ClusterIPs and nodePorts:
-    /// usually the cgroup2 root (/sys/fs/cgroup, /sys/fs/cgroup/unified on hybrid systems).
-    /// Only sockets of the agent's network namespace are translated. Without it, only pod and
-    /// external traffic is served.
+    /// recvmsg, getpeername), so that the node's own processes reach ClusterIPs and nodePorts,
+    /// and pods' TCP connections go straight to a backend: usually the cgroup2 root
+    /// (/sys/fs/cgroup, /sys/fs/cgroup/unified on hybrid systems). Without it, pod and external
+    /// traffic is translated per packet and the node's own processes are not served.
     #[arg(long)]
     cgroup: Option<PathBuf>,
+    /// Socket-level load balancing for the node's own processes only: pods' TCP connections are
+    /// then translated per packet, as their UDP always is (Cilium's
+    /// bpf-lb-sock-hostns-only, for meshes that must see the service address in the pod).
+    #[arg(long)]
+    socket_lb_host_only: bool,
     /// This node's name, as endpoints' nodeName gives it (in API mode the hostname by default,
     /// as for the kubelet).
     #[arg(long, env = "NODE_NAME")]

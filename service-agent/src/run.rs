@@ -7,8 +7,7 @@ use anyhow::{Context as _, Result, bail};
 use service_agent::{
     api,
     controlplane::PortRange,
-    dataplane::Dataplane,
-    dataplane::{EXTERNAL_INGRESS_PROGRAM, POD_INGRESS_PROGRAM},
+    dataplane::{Dataplane, EXTERNAL_INGRESS_PROGRAM, POD_INGRESS_PROGRAM, SocketLbScope},
     health,
     interfaces::LinkAttachments,
     model::{DesiredState, Node},
@@ -55,6 +54,7 @@ async fn serve(args: RunArgs) -> Result<()> {
         node_port_range = %args.node_port_range,
         node_name = ?args.node_name,
         cgroup = ?args.cgroup,
+        socket_lb_host_only = args.socket_lb_host_only,
         "node settings"
     );
 
@@ -87,7 +87,12 @@ async fn sync_until_signal(
             .clone()
             .or_else(|| api_mode.then(source::hostname).flatten()),
     };
-    dataplane.maps.set_node(&node)?;
+    let socket_lb = if args.socket_lb_host_only {
+        SocketLbScope::NodeOnly
+    } else {
+        SocketLbScope::NodeAndPods
+    };
+    dataplane.maps.set_node(&node, socket_lb)?;
     // After set_node: the programs serve only sockets of the namespace it records.
     let socket_hooks = args
         .cgroup

@@ -25,7 +25,7 @@ pub const XDP_EGRESS_MAP: &str = "XDP_EGRESS";
 /// The subdirectory of the agent's pin directory that holds its maps, named after their layout:
 /// aya does not check a reused pin's key or value size, so a layout change moves to a new
 /// directory rather than reuse old maps. Bump it whenever a pinned map's types change.
-pub const PIN_LAYOUT: &str = "v4";
+pub const PIN_LAYOUT: &str = "v5";
 
 /// Capacities: 100,000 service ports with 4 slots on average (slot 0 and 3 backends), as many
 /// distinct backends as a 100,000-pod cluster has, one rev-NAT entry per service port.
@@ -214,11 +214,24 @@ pub struct NodeV4 {
     /// if the port's offset modulo `cpus` is its number, so that two CPUs never take over the
     /// same port at once.
     pub cpus: u32,
-    /// The cookie of the node's network namespace (the agent's own): the socket hooks serve only
-    /// sockets of this namespace, since a cgroup can hold processes of other namespaces (pods,
-    /// another node's agent) whose addresses mean something else. 0 = not written yet.
+    /// The cookie of the node's network namespace (the agent's own): the socket hooks serve its
+    /// sockets fully, and sockets of other namespaces (pods) only as [`NODE_SOCKET_LB_PODS`]
+    /// says. 0 = not written yet.
     pub netns_cookie: u64,
+    /// [`NODE_SOCKET_LB_PODS`] or 0.
+    pub flags: u32,
+    pub _pad: u32,
 }
+
+/// The socket hooks also balance the TCP connections of other network namespaces' sockets (pods
+/// in the cgroup): connect() to a ClusterIP, external or load-balancer IP, or a node IP's
+/// nodePort goes straight to a backend, as Cilium's socket load balancing does by default. The
+/// packets then need no translation, and the kernel picks the client's port for the real tuple
+/// (two Services sharing a backend can never hand it two flows with one tuple). Loopback
+/// frontends (127.0.0.1:nodePort) stay the node's own: in a pod, 127.0.0.1 is the pod. UDP stays
+/// with the packet path, where a removed backend's flows are purged; a connected UDP socket would
+/// keep its backend.
+pub const NODE_SOCKET_LB_PODS: u32 = 1;
 
 /// Key of `SOCKET_REV_NAT_V4` (an LRU hash): a socket of the node's own processes and the backend
 /// the socket hooks sent it to.
@@ -254,7 +267,7 @@ const _: () = {
     assert!(size_of::<RevNatV4>() == 8 && align_of::<RevNatV4>() == 4);
     assert!(size_of::<ConntrackKeyV4>() == 16 && align_of::<ConntrackKeyV4>() == 4);
     assert!(size_of::<ConntrackEntryV4>() == 20 && align_of::<ConntrackEntryV4>() == 4);
-    assert!(size_of::<NodeV4>() == 16 && align_of::<NodeV4>() == 8);
+    assert!(size_of::<NodeV4>() == 24 && align_of::<NodeV4>() == 8);
     assert!(size_of::<SocketRevNatKeyV4>() == 16 && align_of::<SocketRevNatKeyV4>() == 8);
     assert!(size_of::<SocketRevNatV4>() == 12 && align_of::<SocketRevNatV4>() == 4);
 };

@@ -1,8 +1,9 @@
-//! Socket-level load balancing for the node's own processes (cgroup sock_addr hooks, as Cilium's
-//! bpf_sock.c does it): connect() and sendto() to a frontend get a backend's address before the
-//! kernel routes anything, so the node's own connections need no per-packet NAT at all (and there
-//! is no pod link on their way where a TC program could do it); recvmsg() and getpeername()
-//! report the frontend again, so the process never sees the backend's address.
+//! Socket-level load balancing (cgroup sock_addr hooks, as Cilium's bpf_sock.c does it): connect()
+//! and sendto() to a frontend get a backend's address before the kernel routes anything, so the
+//! flow needs no per-packet NAT at all; recvmsg() and getpeername() report the frontend again, so
+//! the process never sees the backend's address. The node's own processes need it (there is no
+//! pod link on their way where a TC program could translate); pods' TCP connections get it too
+//! unless the agent says otherwise (see `NODE_SOCKET_LB_PODS`).
 
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
@@ -12,8 +13,8 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use service_common::{
-    IPPROTO_TCP, IPPROTO_UDP, SCOPE_CLUSTER, SCOPE_DEFAULT, SERVICE_LOCAL, ServiceKeyV4,
-    SocketRevNatKeyV4, SocketRevNatV4,
+    IPPROTO_TCP, IPPROTO_UDP, NODE_SOCKET_LB_PODS, SCOPE_CLUSTER, SCOPE_DEFAULT, SERVICE_LOCAL,
+    ServiceKeyV4, SocketRevNatKeyV4, SocketRevNatV4,
 };
 
 use crate::{
@@ -34,9 +35,9 @@ const ENOMEM: i32 = 12;
 /// connect4 (TCP and UDP) and sendmsg4 (a UDP datagram with an explicit address).
 #[inline(always)]
 pub fn to_frontend(ctx: &SockAddrContext) -> i32 {
-    if !in_node_netns(ctx) {
+    let Some(owner) = socket_owner(ctx) else {
         return PROCEED;
-    }
+    };
     let sock_addr = ctx.sock_addr;
     // SAFETY: the kernel hands a valid context; fields are read whole (u32), as the verifier
     // wants for user_port, and volatile so the compiler cannot narrow the loads.
@@ -53,6 +54,10 @@ pub fn to_frontend(ctx: &SockAddrContext) -> i32 {
         p if p == u32::from(IPPROTO_UDP) => IPPROTO_UDP,
         _ => return PROCEED,
     };
+    // A pod's TCP connections only, and never to its own loopback (see NODE_SOCKET_LB_PODS).
+    if owner == SocketOwner::Pod && (protocol != IPPROTO_TCP || is_loopback(address)) {
+        return PROCEED;
+    }
     let mut frontend = ServiceKeyV4 {
         address,
         port,
@@ -122,8 +127,8 @@ pub fn to_frontend(ctx: &SockAddrContext) -> i32 {
 
 /// recvmsg4 (the source of a received UDP datagram) and getpeername4: a backend that
 /// [`to_frontend`] chose for this socket is reported as the frontend the process asked for.
-/// No network namespace check: the entries are keyed by socket, and only sockets of the node's
-/// namespace get any.
+/// No network namespace check: the entries are keyed by socket, and only sockets that
+/// [`to_frontend`] served get any.
 #[inline(always)]
 pub fn from_backend(ctx: &SockAddrContext) -> i32 {
     let sock_addr = ctx.sock_addr;
@@ -158,15 +163,37 @@ pub fn from_backend(ctx: &SockAddrContext) -> i32 {
     PROCEED
 }
 
-/// Whether the socket lives in the node's network namespace: a cgroup may also hold processes
-/// of other namespaces, for which this node's frontends mean nothing.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SocketOwner {
+    /// A process in the node's network namespace (the agent's).
+    Node,
+    /// A process of another network namespace in the cgroup: a pod.
+    Pod,
+}
+
+/// Whose socket this is, or None when the hooks must leave it alone (the agent has not written
+/// NODE_V4 yet, or it serves the node's own processes only and this is a pod's).
 #[inline(always)]
-fn in_node_netns(ctx: &SockAddrContext) -> bool {
+fn socket_owner(ctx: &SockAddrContext) -> Option<SocketOwner> {
+    let node = NODE_V4.get(0)?;
+    if node.netns_cookie == 0 {
+        return None;
+    }
     // SAFETY: the helper only reads the socket behind the context.
     let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    NODE_V4
-        .get(0)
-        .is_some_and(|node| node.netns_cookie == cookie)
+    if cookie == node.netns_cookie {
+        Some(SocketOwner::Node)
+    } else if node.flags & NODE_SOCKET_LB_PODS != 0 {
+        Some(SocketOwner::Pod)
+    } else {
+        None
+    }
+}
+
+/// 127.0.0.0/8 (the address is in network byte order).
+#[inline(always)]
+fn is_loopback(address: u32) -> bool {
+    address.to_ne_bytes()[0] == 127
 }
 
 #[inline(always)]

@@ -3,11 +3,12 @@
 //! parallel with others whose own sockets must not be translated.
 
 use std::{
-    fs::{self, File, OpenOptions},
-    io::ErrorKind,
+    fs::{self, OpenOptions},
+    io::{self, ErrorKind},
     mem,
-    os::unix::ffi::OsStrExt,
+    os::unix::{ffi::OsStrExt, io::AsRawFd, process::CommandExt},
     path::{Path, PathBuf},
+    process::Command,
     thread,
     time::{Duration, Instant},
 };
@@ -60,13 +61,27 @@ impl TestCgroup {
         &self.path
     }
 
-    /// `cgroup.procs`, open for writing: a process that writes "0" to it joins the cgroup.
-    pub fn procs(&self) -> Result<File> {
-        let procs = self.path.join("cgroup.procs");
-        OpenOptions::new()
+    /// Makes `command`'s process join this cgroup before it runs anything, so that the agent's
+    /// socket programs see its very first socket.
+    pub fn join_before_exec(&self, command: &mut Command) -> Result<()> {
+        let procs_path = self.path.join("cgroup.procs");
+        // `cgroup.procs`, open for writing: a process that writes "0" to it joins the cgroup.
+        let procs = OpenOptions::new()
             .write(true)
-            .open(&procs)
-            .with_context(|| format!("cannot open {}", procs.display()))
+            .open(&procs_path)
+            .with_context(|| format!("cannot open {}", procs_path.display()))?;
+        // SAFETY: runs in the forked child before exec and makes one async-signal-safe system
+        // call on a descriptor the closure owns.
+        unsafe {
+            command.pre_exec(move || {
+                // "0" is the writing process itself.
+                if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Ok(())
     }
 }
 

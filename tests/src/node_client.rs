@@ -3,12 +3,7 @@
 //! a process in the cgroup meets the agent's socket programs, so the process joins it before it
 //! opens any socket.
 
-use std::{
-    fmt, io,
-    net::SocketAddrV4,
-    os::{fd::AsRawFd, unix::process::CommandExt},
-    path::PathBuf,
-};
+use std::{fmt, io, net::SocketAddrV4, path::PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
 
@@ -78,18 +73,7 @@ impl<'a> NodeClient<'a> {
     pub fn request(&self, request: Request, to: SocketAddrV4) -> Result<Reply> {
         let mut command = netns::command(&self.netns, &self.binary)?;
         command.arg(request.argument()).arg(to.to_string());
-        let procs = self.cgroup.procs()?;
-        // SAFETY: runs in the forked child before exec and makes one async-signal-safe system
-        // call on a descriptor the closure owns.
-        unsafe {
-            command.pre_exec(move || {
-                // "0" is the writing process itself.
-                if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        self.cgroup.join_before_exec(&mut command)?;
         let what = format!("node-client {request} {to} in {}", self.netns);
         let output = output_within(&mut command, REQUEST_TIMEOUT).with_context(|| what.clone())?;
         let stdout = String::from_utf8_lossy(&output.stdout);

@@ -14,7 +14,7 @@ use packets::{
     icmp_port_unreachable,
 };
 use service_agent::{
-    dataplane::{Dataplane, EXTERNAL_INGRESS_PROGRAM, POD_INGRESS_PROGRAM},
+    dataplane::{Dataplane, EXTERNAL_INGRESS_PROGRAM, POD_INGRESS_PROGRAM, SocketLbScope},
     model::{
         DesiredState, Endpoint, Node, Protocol, Service, ServiceName, ServicePort, ServiceType,
         TrafficPolicy,
@@ -218,7 +218,10 @@ impl Fixture {
             return None;
         }
         let mut dataplane = Dataplane::load(None).expect("load the dataplane");
-        dataplane.maps.set_node(&node).expect("write NODE_V4");
+        dataplane
+            .maps
+            .set_node(&node, SocketLbScope::NodeAndPods)
+            .expect("write NODE_V4");
         let syncer = Syncer::new(&dataplane.maps, node).expect("read the maps");
         Some(Self { dataplane, syncer })
     }

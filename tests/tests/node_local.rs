@@ -1,8 +1,8 @@
 //! The node's own processes as clients: `curl <ClusterIP>`, `curl 127.0.0.1:<nodePort>` and
 //! `curl <node IP>:<nodePort>` run on a node, whose sockets the agent's cgroup socket programs
-//! translate (`--cgroup`). Two nodes on a LAN (see `integration_tests::lan`), each with its own
-//! agent; both agents attach to the same test cgroup, so each one's programs also meet the
-//! other node's processes and must leave them alone. The client processes run in a node's
+//! translate (`--cgroup`), and pods' TCP connections, which the same programs send straight to a
+//! backend. Two nodes on a LAN (see `integration_tests::lan`), each with its own agent; both
+//! agents attach to the same test cgroup. The client processes run in a node's or a pod's
 //! network namespace and in that cgroup (see `integration_tests::node_client`).
 
 use std::{
@@ -78,6 +78,11 @@ impl Cluster {
 
     /// One agent per node, both with `--cgroup` on the same directory.
     fn agents(&self) -> Result<Vec<Agent<'_>>> {
+        self.agents_with(&[])
+    }
+
+    /// The same with more arguments for both agents.
+    fn agents_with(&self, extra_args: &[&str]) -> Result<Vec<Agent<'_>>> {
         let cgroup = self
             .cgroup
             .path()
@@ -87,18 +92,16 @@ impl Cluster {
             .into_iter()
             .map(|index| {
                 let node_ip = lan::node_ip(index).to_string();
-                Agent::start_with(
-                    self.lan.node(index),
-                    &[self.manifests.path()],
-                    &[
-                        "--external-interface",
-                        EXTERNAL_INTERFACE,
-                        "--node-ip",
-                        &node_ip,
-                        "--cgroup",
-                        cgroup,
-                    ],
-                )
+                let mut args = vec![
+                    "--external-interface",
+                    EXTERNAL_INTERFACE,
+                    "--node-ip",
+                    &node_ip,
+                    "--cgroup",
+                    cgroup,
+                ];
+                args.extend_from_slice(extra_args);
+                Agent::start_with(self.lan.node(index), &[self.manifests.path()], &args)
             })
             .collect()
     }
@@ -341,9 +344,71 @@ fn node_processes_are_refused_by_a_service_without_endpoints() -> Result<()> {
     Ok(())
 }
 
+/// Serves one TCP connection on `at` in `netns`, answering as the backend [`UNTRANSLATED`]: what
+/// a client reaches when nothing translated its connect().
+fn untranslated_server(netns: &str, at: SocketAddrV4) -> Result<thread::JoinHandle<Result<()>>> {
+    let listener = netns::enter(netns, || Ok(TcpListener::bind(at)?))?;
+    Ok(thread::spawn(move || -> Result<()> {
+        let (connection, _) = listener.accept()?;
+        let mut line = String::new();
+        BufReader::new(&connection).read_line(&mut line)?;
+        writeln!(&connection, "{UNTRANSLATED}")?;
+        Ok(())
+    }))
+}
+
 #[test]
-fn processes_of_another_network_namespace_in_the_cgroup_are_not_translated() -> Result<()> {
-    if !privileged("processes_of_another_network_namespace_in_the_cgroup_are_not_translated") {
+fn pods_tcp_connections_are_balanced_at_connect_and_their_loopback_stays_theirs() -> Result<()> {
+    if !privileged("pods_tcp_connections_are_balanced_at_connect_and_their_loopback_stays_theirs") {
+        return Ok(());
+    }
+    let cluster = Cluster::new()?;
+    let a_web = cluster.backend(NODE_A, "a-web", 20)?;
+    let b_web = cluster.backend(NODE_B, "b-web", 20)?;
+    cluster.serve(
+        &[&a_web, &b_web],
+        &Exposure {
+            service_type: "NodePort",
+            node_ports: Some((30110, 30111)),
+            ..Exposure::default()
+        },
+    )?;
+    let agents = cluster.agents()?;
+    let cluster_ip = agents[0].wait_for_service(DEFAULT, "web")?;
+    agents[1].wait_for_service(DEFAULT, "web")?;
+    let to = SocketAddrV4::new(cluster_ip, SERVICE_TCP_PORT);
+
+    // A pod whose own addresses include the ClusterIP, with a listener there: a connection that
+    // connect() did not translate stays inside the pod, where no packet program sees it. Only
+    // the socket program can send it to a backend.
+    let pod = cluster
+        .lan
+        .node(NODE_A)
+        .add_pod("client", lan::pod_ip(NODE_A, 30))?;
+    let address = format!("{cluster_ip}/32");
+    ip(&["-n", &pod.netns, "addr", "add", &address, "dev", "lo"])?;
+    let _decoy = netns::enter(&pod.netns, || Ok(TcpListener::bind(to)?))?;
+    let in_pod = NodeClient::new(CLIENT_BINARY, &pod.netns, &cluster.cgroup);
+    wait_for_backends(&in_pod, Request::Tcp, to, &["a-web", "b-web"])?;
+    // The node's IP at the nodePort too (kube-proxy serves pods there as well).
+    let node_port = SocketAddrV4::new(lan::node_ip(NODE_A), 30110);
+    wait_for_backends(&in_pod, Request::Tcp, node_port, &["a-web", "b-web"])?;
+
+    // In a pod, 127.0.0.1 is the pod itself: its nodePort there is the pod's own port.
+    let loopback = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 30110);
+    let server = untranslated_server(&pod.netns, loopback)?;
+    let reply = in_pod.request(Request::Tcp, loopback)?;
+    ensure!(
+        reply.backend == UNTRANSLATED && reply.peer == Some(loopback),
+        "a pod's connection to its own loopback was translated: {reply:?}"
+    );
+    server.join().expect("the server thread panicked")?;
+    Ok(())
+}
+
+#[test]
+fn with_host_only_socket_lb_other_namespaces_in_the_cgroup_are_not_translated() -> Result<()> {
+    if !privileged("with_host_only_socket_lb_other_namespaces_in_the_cgroup_are_not_translated") {
         return Ok(());
     }
     let cluster = Cluster::new()?;
@@ -355,26 +420,18 @@ fn processes_of_another_network_namespace_in_the_cgroup_are_not_translated() -> 
             ..Exposure::default()
         },
     )?;
-    let agents = cluster.agents()?;
+    let agents = cluster.agents_with(&["--socket-lb-host-only"])?;
     let cluster_ip = agents[0].wait_for_service(DEFAULT, "web")?;
     let to = SocketAddrV4::new(cluster_ip, SERVICE_TCP_PORT);
     // The hooks are live for node A's processes.
     wait_for_backends(&cluster.node_client(NODE_A), Request::Tcp, to, &["a-web"])?;
 
     // Another namespace, where the ClusterIP is a local address with its own server: a process
-    // there, in the same cgroup, must reach that server, not be sent to a backend it has no
-    // route to.
+    // there, in the same cgroup, must reach that server.
     let elsewhere = NetNs::create(&cluster.lan.node(NODE_A).run_id().netns_name("elsewhere"))?;
     let address = format!("{cluster_ip}/32");
     ip(&["-n", elsewhere.name(), "addr", "add", &address, "dev", "lo"])?;
-    let listener = netns::enter(elsewhere.name(), || Ok(TcpListener::bind(to)?))?;
-    let server = thread::spawn(move || -> Result<()> {
-        let (connection, _) = listener.accept()?;
-        let mut line = String::new();
-        BufReader::new(&connection).read_line(&mut line)?;
-        writeln!(&connection, "{UNTRANSLATED}")?;
-        Ok(())
-    });
+    let server = untranslated_server(elsewhere.name(), to)?;
     let client = NodeClient::new(CLIENT_BINARY, elsewhere.name(), &cluster.cgroup);
     let reply = client.request(Request::Tcp, to)?;
     ensure!(

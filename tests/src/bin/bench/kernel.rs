@@ -18,7 +18,7 @@ use std::{net::Ipv4Addr, time::SystemTime};
 use anyhow::{Context, Result, ensure};
 use aya::programs::{TestRun, TestRunOptions};
 use service_agent::{
-    dataplane::{Dataplane, EXTERNAL_INGRESS_PROGRAM, POD_INGRESS_PROGRAM},
+    dataplane::{Dataplane, EXTERNAL_INGRESS_PROGRAM, POD_INGRESS_PROGRAM, SocketLbScope},
     model::{
         DesiredState, Endpoint, Node, Protocol, Service, ServiceName, ServicePort, ServiceType,
         TrafficPolicy,
@@ -84,7 +84,7 @@ pub fn measure(sizes: &[usize], flows: u16) -> Result<Vec<PacketCosts>> {
             ips: vec![NODE_IP],
             name: Some("bench-node".into()),
         };
-        dataplane.maps.set_node(&node)?;
+        dataplane.maps.set_node(&node, SocketLbScope::NodeAndPods)?;
         let mut syncer = Syncer::new(&dataplane.maps, node)?;
         syncer
             .sync(&desired_state(services), &mut dataplane.maps)

@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use integration_tests::{netns, process::output_within};
+use integration_tests::{cgroup::TestCgroup, netns, process::output_within};
 
 /// What one load run measured.
 #[derive(Clone, Copy, Debug, Default)]
@@ -26,17 +26,19 @@ const WRK_CONNECTIONS: u32 = 11;
 const UDP_REQUESTERS: usize = 8;
 const UDP_REPLY_TIMEOUT: Duration = Duration::from_millis(200);
 
-/// One `wrk` per target, all at once, from inside `netns`: the rates add up, the p50 is the
-/// mean of theirs and the p99 the worst of theirs.
+/// One `wrk` per target, all at once, from inside `netns` (and in `cgroup` when the client is a
+/// pod of the node, whose sockets the agent's socket programs serve): the rates add up, the p50
+/// is the mean of theirs and the p99 the worst of theirs.
 pub fn tcp_connections(
     netns: &str,
+    cgroup: Option<&TestCgroup>,
     targets: &[SocketAddrV4],
     duration: Duration,
 ) -> Result<LoadFigures> {
     let runs = thread::scope(|scope| {
         let workers: Vec<_> = targets
             .iter()
-            .map(|&to| scope.spawn(move || wrk(netns, to, duration)))
+            .map(|&to| scope.spawn(move || wrk(netns, cgroup, to, duration)))
             .collect();
         workers
             .into_iter()
@@ -52,16 +54,23 @@ pub fn tcp_connections(
 }
 
 /// `wrk -H 'Connection: close'` against `http://to/` from inside `netns`.
-fn wrk(netns: &str, to: SocketAddrV4, duration: Duration) -> Result<LoadFigures> {
+fn wrk(
+    netns: &str,
+    cgroup: Option<&TestCgroup>,
+    to: SocketAddrV4,
+    duration: Duration,
+) -> Result<LoadFigures> {
     let seconds = duration.as_secs().max(1);
-    let output = output_within(
-        netns::command(netns, "wrk")?
-            .args(["-t1", &format!("-c{WRK_CONNECTIONS}")])
-            .arg(format!("-d{seconds}s"))
-            .args(["--latency", "-H", "Connection: close"])
-            .arg(format!("http://{to}/")),
-        duration + Duration::from_secs(30),
-    )?;
+    let mut command = netns::command(netns, "wrk")?;
+    command
+        .args(["-t1", &format!("-c{WRK_CONNECTIONS}")])
+        .arg(format!("-d{seconds}s"))
+        .args(["--latency", "-H", "Connection: close"])
+        .arg(format!("http://{to}/"));
+    if let Some(cgroup) = cgroup {
+        cgroup.join_before_exec(&mut command)?;
+    }
+    let output = output_within(&mut command, duration + Duration::from_secs(30))?;
     let text = String::from_utf8_lossy(&output.stdout);
     if !output.status.success() {
         bail!(

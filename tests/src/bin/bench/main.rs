@@ -261,8 +261,13 @@ fn measure_size(services: usize, plan: &Plan) -> Result<BTreeMap<Mode, ModeRuns>
             let agent = (bed.mode == Mode::Agent).then_some(&agent);
             let entry = runs.entry(bed.mode).or_default();
             bed.flush_conntrack(agent)?;
-            let tcp = load::tcp_connections(&bed.client.netns, &bed.tcp_targets(&set), plan.run)
-                .with_context(|| format!("TCP load through {}", bed.mode))?;
+            let tcp = load::tcp_connections(
+                &bed.client.netns,
+                Some(&bed.pods_cgroup),
+                &bed.tcp_targets(&set),
+                plan.run,
+            )
+            .with_context(|| format!("TCP load through {}", bed.mode))?;
             bed.flush_conntrack(agent)?;
             let udp =
                 load::udp_request_response(&bed.client.netns, &bed.udp_targets(&set), plan.run)
@@ -270,22 +275,38 @@ fn measure_size(services: usize, plan: &Plan) -> Result<BTreeMap<Mode, ModeRuns>
             bed.flush_conntrack(agent)?;
             let node_port = load::tcp_connections(
                 &bed.external_client.netns,
+                None,
                 &bed.node_port_targets(),
                 plan.run,
             )
             .with_context(|| format!("NodePort load through {}", bed.mode))?;
+            // Base's TCP run already is the client talking to the pod IPs.
+            let to_pod_ips = if bed.mode == Mode::Base {
+                tcp
+            } else {
+                bed.flush_conntrack(agent)?;
+                load::tcp_connections(
+                    &bed.client.netns,
+                    Some(&bed.pods_cgroup),
+                    &bed.pod_ip_targets(),
+                    plan.run,
+                )
+                .with_context(|| format!("load to the pod IPs through {}", bed.mode))?
+            };
             eprintln!(
-                "  round {round} {}: {:.0} conn/s ({} errors), {:.0} UDP req/s, NodePort {:.0} conn/s ({} errors)",
+                "  round {round} {}: {:.0} conn/s ({} errors), {:.0} UDP req/s, NodePort {:.0} conn/s ({} errors), to pod IPs {:.0} conn/s",
                 bed.mode,
                 tcp.per_second,
                 tcp.errors,
                 udp.per_second,
                 node_port.per_second,
-                node_port.errors
+                node_port.errors,
+                to_pod_ips.per_second
             );
             entry.tcp.push(tcp);
             entry.udp.push(udp);
             entry.node_port.push(node_port);
+            entry.to_pod_ips.push(to_pod_ips);
         }
     }
     agent.stop()?;
@@ -306,6 +327,7 @@ fn check_every_mode_measured(results: &Results) -> Result<()> {
             if summary.tcp.per_second <= 0.0
                 || summary.udp.per_second <= 0.0
                 || summary.node_port.per_second <= 0.0
+                || summary.to_pod_ips.per_second <= 0.0
             {
                 bail!("{mode} answered nothing at {services} services");
             }

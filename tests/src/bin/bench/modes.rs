@@ -17,6 +17,7 @@ use anyhow::{Context, Result, bail};
 use aya::maps::{HashMap, Map, MapData};
 use integration_tests::{
     agent::Agent,
+    cgroup::TestCgroup,
     manifest::ManifestDir,
     netns,
     process::output_within,
@@ -91,6 +92,9 @@ pub struct Bed {
     pub client: Pod,
     /// A client outside the cluster, on the node's external link.
     pub external_client: Pod,
+    /// The cgroup of the client pod's load generators: the agent's socket programs serve it, as
+    /// they would serve the root cgroup on a real node.
+    pub pods_cgroup: TestCgroup,
     pub topology: Topology,
 }
 
@@ -104,17 +108,25 @@ impl Bed {
         for client in [&client, &external_client] {
             sysctl(client, "net/ipv4/ip_local_port_range", "1024 65535")?;
             sysctl(client, "net/ipv4/tcp_tw_reuse", "1")?;
+            sysctl(client, "net/ipv4/tcp_max_tw_buckets", "0")?;
         }
         let mut nginx = Vec::new();
         for (index, ip) in BACKEND_IPS.into_iter().enumerate() {
             let pod = topology.add_backend_pod(&format!("backend-{index}"), ip)?;
+            // No TIME_WAIT sockets: the kernel's established-socket hash is shared by every
+            // namespace, and the hundreds of thousands a 10 s run leaves for 60 s would lengthen
+            // its chains for the modes measured after it (base, measured first, would be the
+            // only one to run on a clean table).
+            sysctl(&pod, "net/ipv4/tcp_max_tw_buckets", "0")?;
             nginx.push(Nginx::start(&pod, topology.scratch_dir())?);
         }
+        let pods_cgroup = TestCgroup::create(topology.run_id(), "pods")?;
         Ok(Self {
             mode,
             _nginx: nginx,
             client,
             external_client,
+            pods_cgroup,
             topology,
         })
     }
@@ -122,31 +134,47 @@ impl Bed {
     /// Where the loads go: the service's ClusterIP, or for the base mode each backend pod itself.
     pub fn tcp_targets(&self, set: &ServiceSet) -> Vec<SocketAddrV4> {
         match self.mode {
-            Mode::Base => BACKEND_IPS
-                .map(|ip| SocketAddrV4::new(ip, HTTP_TARGET_PORT))
-                .to_vec(),
+            Mode::Base => self.pod_ip_targets(),
             _ => vec![SocketAddrV4::new(set.measured_ip(), HTTP_PORT); 3],
         }
+    }
+
+    /// The pod IPs themselves, for every mode: traffic that is not for a service.
+    pub fn pod_ip_targets(&self) -> Vec<SocketAddrV4> {
+        BACKEND_IPS
+            .map(|ip| SocketAddrV4::new(ip, HTTP_TARGET_PORT))
+            .to_vec()
     }
 
     /// Where the load from outside goes: the node's nodePort, or for the base mode each backend
     /// pod itself (routed by the node).
     pub fn node_port_targets(&self) -> Vec<SocketAddrV4> {
         match self.mode {
-            Mode::Base => BACKEND_IPS
-                .map(|ip| SocketAddrV4::new(ip, HTTP_TARGET_PORT))
-                .to_vec(),
+            Mode::Base => self.pod_ip_targets(),
             _ => vec![SocketAddrV4::new(NODE_IP, HTTP_NODE_PORT); 3],
         }
     }
 
-    /// Starts the agent on this bed's node, serving its external link as well.
+    /// Starts the agent on this bed's node, serving its external link and the client pod's
+    /// cgroup as well (with its defaults: pods' TCP connections are balanced at connect()).
     pub fn start_agent<'b>(&'b self, manifests: &ManifestDir) -> Result<Agent<'b>> {
         let node_ip = NODE_IP.to_string();
+        let cgroup = self
+            .pods_cgroup
+            .path()
+            .to_str()
+            .context("non-UTF-8 cgroup path")?;
         Agent::start_with(
             &self.topology,
             &[manifests.path()],
-            &["--external-interface", EXTERNAL_LINK, "--node-ip", &node_ip],
+            &[
+                "--external-interface",
+                EXTERNAL_LINK,
+                "--node-ip",
+                &node_ip,
+                "--cgroup",
+                cgroup,
+            ],
         )
     }
 

@@ -20,6 +20,9 @@ pub struct ModeRuns {
     pub udp: Vec<LoadFigures>,
     /// TCP connections from outside the cluster through the nodePort.
     pub node_port: Vec<LoadFigures>,
+    /// TCP connections from the client pod straight to the pod IPs, with the mode's dataplane on
+    /// the node: what it costs traffic that is not for a service.
+    pub to_pod_ips: Vec<LoadFigures>,
     pub programming: Programming,
 }
 
@@ -29,6 +32,7 @@ pub struct Summary {
     pub tcp: LoadFigures,
     pub udp: LoadFigures,
     pub node_port: LoadFigures,
+    pub to_pod_ips: LoadFigures,
     pub programming: Programming,
 }
 
@@ -44,6 +48,7 @@ impl ModeRuns {
             tcp: merge(&self.tcp),
             udp: merge(&self.udp),
             node_port: merge(&self.node_port),
+            to_pod_ips: merge(&self.to_pod_ips),
             programming: self.programming,
         }
     }
@@ -92,6 +97,14 @@ pub fn markdown(results: &Results, kernel: &[PacketCosts], context: &RunDescript
         ("conn/s", "errors"),
         results,
         |summary| summary.node_port,
+    );
+    load_table(
+        &mut out,
+        "Not a service: new TCP connections per second from the client pod straight to the pod \
+         IPs, with each mode's dataplane on the node (base: the same load, measured once)",
+        ("conn/s", "errors"),
+        results,
+        |summary| summary.to_pod_ips,
     );
 
     writeln!(
@@ -238,12 +251,23 @@ for masquerade; the agent: its XDP program in native mode on that link, then TC 
 - **kube-proxy nftables**: kube-proxy's nftables-mode shape (a `service-ips` verdict map on
   daddr . l4proto . dport, per-service chains with `numgen random mod 3 vmap`, per-endpoint DNAT
   chains), loaded with `nft -f`.
-- **service-agent**: this project, given the same services as Service + EndpointSlice manifests.
+- **service-agent**: this project, given the same services as Service + EndpointSlice manifests,
+  with its defaults: the client pod's processes are in the cgroup the agent serves (`--cgroup`,
+  the cgroup root on a real node), so their TCP connections are balanced at connect() and their
+  packets need no translation (Cilium's socket load balancing does the same); UDP and traffic
+  from outside are translated per packet by the TC and XDP programs.
 
 TCP: three `wrk -t1 -c11 -H 'Connection: close'` at once from the client (one per pod IP for
 base). UDP: 8 connected sockets, one request in flight each. The client has the full ephemeral
-port range and `tcp_tw_reuse`; conntrack (netfilter's, and the agent's map) is flushed before
-every run. Programming time runs from the moment the rules file is handed to the loader (or the
+port range and `tcp_tw_reuse`; clients and backends keep no TIME_WAIT sockets
+(`tcp_max_tw_buckets` 0), since the kernel's established-socket hash is shared by every namespace
+and one mode's hundreds of thousands would slow the modes measured after it; conntrack
+(netfilter's, and the agent's map) is flushed before every run. The *not a service* table has
+every mode's client talk to the pod IPs as base does: the cost of each dataplane for traffic it
+does not translate. Base's client keeps each of its three load generators on one pod, while a
+service spreads every generator's connections over the three pods; on this 2-vCPU VM the spread
+alone costs a service mode about a fifth of base's rate (five times the rescheduling IPIs), which
+no dataplane can win back. Programming time runs from the moment the rules file is handed to the loader (or the
 manifest file is renamed into the agent's directory) until an HTTP request to the measured service
 is answered. The agent is measured twice, each time fresh: from YAML manifests, and from the same
 objects as one JSON List (what the API server sends; YAML parsing is most of the YAML figure).
