@@ -76,6 +76,26 @@ impl Cluster {
         Ok(())
     }
 
+    /// Backends `a-web` on node A and `b-web` on node B behind the NodePort Service `web` with
+    /// `node_ports` (TCP, UDP), and both agents running and serving it: the agents and the
+    /// ClusterIP.
+    fn web_on_both_nodes(&self, node_ports: (u16, u16)) -> Result<(Vec<Agent<'_>>, Ipv4Addr)> {
+        let a_web = self.backend(NODE_A, "a-web", 20)?;
+        let b_web = self.backend(NODE_B, "b-web", 20)?;
+        self.serve(
+            &[&a_web, &b_web],
+            &Exposure {
+                service_type: "NodePort",
+                node_ports: Some(node_ports),
+                ..Exposure::default()
+            },
+        )?;
+        let agents = self.agents()?;
+        let cluster_ip = agents[0].wait_for_service(DEFAULT, "web")?;
+        agents[1].wait_for_service(DEFAULT, "web")?;
+        Ok((agents, cluster_ip))
+    }
+
     /// One agent per node, both with `--cgroup` on the same directory.
     fn agents(&self) -> Result<Vec<Agent<'_>>> {
         self.agents_with(&[])
@@ -188,19 +208,7 @@ fn node_processes_reach_cluster_ips_and_node_ports_over_tcp() -> Result<()> {
         return Ok(());
     }
     let cluster = Cluster::new()?;
-    let a_web = cluster.backend(NODE_A, "a-web", 20)?;
-    let b_web = cluster.backend(NODE_B, "b-web", 20)?;
-    cluster.serve(
-        &[&a_web, &b_web],
-        &Exposure {
-            service_type: "NodePort",
-            node_ports: Some((30100, 30101)),
-            ..Exposure::default()
-        },
-    )?;
-    let agents = cluster.agents()?;
-    let cluster_ip = agents[0].wait_for_service(DEFAULT, "web")?;
-    agents[1].wait_for_service(DEFAULT, "web")?;
+    let (agents, cluster_ip) = cluster.web_on_both_nodes((30100, 30101))?;
     let both = ["a-web", "b-web"];
 
     let on_a = cluster.node_client(NODE_A);
@@ -243,18 +251,7 @@ fn node_processes_get_udp_replies_from_the_service_address() -> Result<()> {
         return Ok(());
     }
     let cluster = Cluster::new()?;
-    let a_web = cluster.backend(NODE_A, "a-web", 20)?;
-    let b_web = cluster.backend(NODE_B, "b-web", 20)?;
-    cluster.serve(
-        &[&a_web, &b_web],
-        &Exposure {
-            service_type: "NodePort",
-            node_ports: Some((30102, 30103)),
-            ..Exposure::default()
-        },
-    )?;
-    let agents = cluster.agents()?;
-    let cluster_ip = agents[0].wait_for_service(DEFAULT, "web")?;
+    let (_agents, cluster_ip) = cluster.web_on_both_nodes((30102, 30103))?;
     let both = ["a-web", "b-web"];
 
     let on_a = cluster.node_client(NODE_A);
@@ -363,19 +360,7 @@ fn pods_tcp_connections_are_balanced_at_connect_and_their_loopback_stays_theirs(
         return Ok(());
     }
     let cluster = Cluster::new()?;
-    let a_web = cluster.backend(NODE_A, "a-web", 20)?;
-    let b_web = cluster.backend(NODE_B, "b-web", 20)?;
-    cluster.serve(
-        &[&a_web, &b_web],
-        &Exposure {
-            service_type: "NodePort",
-            node_ports: Some((30110, 30111)),
-            ..Exposure::default()
-        },
-    )?;
-    let agents = cluster.agents()?;
-    let cluster_ip = agents[0].wait_for_service(DEFAULT, "web")?;
-    agents[1].wait_for_service(DEFAULT, "web")?;
+    let (_agents, cluster_ip) = cluster.web_on_both_nodes((30110, 30111))?;
     let to = SocketAddrV4::new(cluster_ip, SERVICE_TCP_PORT);
 
     // A pod whose own addresses include the ClusterIP, with a listener there: a connection that
