@@ -14,8 +14,9 @@ use aya::{
 };
 use service_common::{
     BACKENDS_V4_MAP, BackendV4, CONNTRACK_V4_MAP, ConntrackEntryV4, ConntrackKeyV4,
-    NODE_SOCKET_LB_PODS, NODE_V4_MAP, NodeV4, PIN_LAYOUT, REV_NAT_V4_MAP, RevNatV4,
-    SERVICES_V4_MAP, SOCKET_REV_NAT_V4_MAP, ServiceEntry, ServiceKeyV4, XDP_EGRESS_MAP,
+    FRONTEND_ADDRESSES_V4_MAP, NODE_SOCKET_LB_PODS, NODE_V4_MAP, NodeV4, PIN_LAYOUT,
+    REV_NAT_V4_MAP, RevNatV4, SERVICES_V4_MAP, SOCKET_REV_NAT_V4_MAP, ServiceEntry, ServiceKeyV4,
+    XDP_EGRESS_MAP,
 };
 
 use crate::{
@@ -28,8 +29,9 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 
 /// The maps pinned (and so kept across agent restarts): services, and the flows and sockets
 /// translated to them (a connected UDP socket keeps reporting its service across a restart).
-const PINNED_MAPS: [&str; 5] = [
+const PINNED_MAPS: [&str; 6] = [
     SERVICES_V4_MAP,
+    FRONTEND_ADDRESSES_V4_MAP,
     BACKENDS_V4_MAP,
     REV_NAT_V4_MAP,
     CONNTRACK_V4_MAP,
@@ -169,6 +171,7 @@ impl Dataplane {
 /// Typed handles on the maps.
 pub struct ServiceMaps {
     pub services: HashMap<MapData, ServiceKeyV4, ServiceEntry>,
+    pub frontend_addresses: HashMap<MapData, u32, u32>,
     pub backends: HashMap<MapData, u32, BackendV4>,
     pub rev_nat: HashMap<MapData, u32, RevNatV4>,
     pub conntrack: HashMap<MapData, ConntrackKeyV4, ConntrackEntryV4>,
@@ -183,6 +186,7 @@ impl ServiceMaps {
         };
         Ok(Self {
             services: HashMap::try_from(take(SERVICES_V4_MAP)?)?,
+            frontend_addresses: HashMap::try_from(take(FRONTEND_ADDRESSES_V4_MAP)?)?,
             backends: HashMap::try_from(take(BACKENDS_V4_MAP)?)?,
             rev_nat: HashMap::try_from(take(REV_NAT_V4_MAP)?)?,
             conntrack: HashMap::try_from(take(CONNTRACK_V4_MAP)?)?,
@@ -227,6 +231,11 @@ impl ServiceMaps {
             let (key, value) = item.context("reading REV_NAT_V4")?;
             contents.rev_nat.insert(key, value);
         }
+        for address in self.frontend_addresses.keys() {
+            contents
+                .frontend_addresses
+                .insert(address.context("reading FRONTEND_ADDRESSES_V4")?);
+        }
         Ok(contents)
     }
 
@@ -238,6 +247,8 @@ impl ServiceMaps {
             MapOp::DeleteService(key) => self.services.remove(key)?,
             MapOp::DeleteRevNat(id) => self.rev_nat.remove(id)?,
             MapOp::DeleteBackend(id) => self.backends.remove(id)?,
+            MapOp::PutFrontendAddress(address) => self.frontend_addresses.insert(address, 1, 0)?,
+            MapOp::DeleteFrontendAddress(address) => self.frontend_addresses.remove(address)?,
         }
         Ok(())
     }

@@ -15,6 +15,7 @@ pub const IPPROTO_UDP: u8 = 17;
 
 /// Map names: the kernel object's symbols and the file names under the agent's pin directory.
 pub const SERVICES_V4_MAP: &str = "SERVICES_V4";
+pub const FRONTEND_ADDRESSES_V4_MAP: &str = "FRONTEND_ADDRESSES_V4";
 pub const BACKENDS_V4_MAP: &str = "BACKENDS_V4";
 pub const REV_NAT_V4_MAP: &str = "REV_NAT_V4";
 pub const CONNTRACK_V4_MAP: &str = "CONNTRACK_V4";
@@ -32,6 +33,8 @@ pub const PIN_LAYOUT: &str = "v5";
 pub const SERVICES_V4_MAX_ENTRIES: u32 = 524_288;
 pub const BACKENDS_V4_MAX_ENTRIES: u32 = 262_144;
 pub const REV_NAT_V4_MAX_ENTRIES: u32 = 131_072;
+/// Every address some frontend has: at most one per frontend.
+pub const FRONTEND_ADDRESSES_V4_MAX_ENTRIES: u32 = REV_NAT_V4_MAX_ENTRIES;
 pub const CONNTRACK_V4_MAX_ENTRIES: u32 = 262_144;
 /// One entry per socket of the node's own processes that talks to a service (and per backend a
 /// UDP socket sent to): far more than a node's processes keep open at once.

@@ -32,14 +32,16 @@ mod reject;
 mod reply;
 mod service;
 mod socket;
+mod target;
 mod xdp;
 
 use aya_ebpf::{
+    bindings::TC_ACT_OK,
     macros::{cgroup_sock_addr, classifier, xdp},
     programs::{SockAddrContext, TcContext, XdpContext},
 };
 
-use crate::maps::SERVICES_V4;
+use crate::target::Target;
 
 /// Where a packet entered the node.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -66,12 +68,13 @@ fn serve(ctx: &TcContext, origin: Origin) -> i32 {
         // Not TCP or UDP the NAT can handle; an ICMP error may still be about a translated flow.
         return icmp_error::translate(ctx);
     };
-    let frontend = service::frontend_key(&flow);
-    // SAFETY: map values are plain data; a concurrent update can at worst give a stale value.
-    if let Some(service) = unsafe { SERVICES_V4.get(frontend) } {
-        return service::to_frontend(ctx, &flow, origin, &frontend, service);
+    match target::of(&flow) {
+        Target::Frontend(frontend, service) => {
+            service::to_frontend(ctx, &flow, origin, &frontend, service)
+        }
+        Target::Reply(entry, frontend) => reply::rewrite(ctx, &flow, &entry, &frontend),
+        Target::Other => TC_ACT_OK,
     }
-    reply::from_backend(ctx, &flow)
 }
 
 /// The fast path of external links, ahead of `external_ingress` ([`xdp`]).

@@ -6,9 +6,9 @@ use aya_ebpf::{
 };
 use service_common::{
     BACKENDS_V4_MAX_ENTRIES, BackendV4, CONNTRACK_V4_MAX_ENTRIES, ConntrackEntryV4, ConntrackKeyV4,
-    NodeV4, REV_NAT_V4_MAX_ENTRIES, RevNatV4, SERVICES_V4_MAX_ENTRIES,
-    SOCKET_REV_NAT_V4_MAX_ENTRIES, ServiceEntry, ServiceKeyV4, SocketRevNatKeyV4, SocketRevNatV4,
-    XDP_EGRESS_MAX_ENTRIES,
+    FRONTEND_ADDRESSES_V4_MAX_ENTRIES, NodeV4, REV_NAT_V4_MAX_ENTRIES, RevNatV4,
+    SERVICES_V4_MAX_ENTRIES, SOCKET_REV_NAT_V4_MAX_ENTRIES, ServiceEntry, ServiceKeyV4,
+    SocketRevNatKeyV4, SocketRevNatV4, XDP_EGRESS_MAX_ENTRIES,
 };
 
 /// Service maps are sized for 100,000 services but allocate entries as the agent writes them
@@ -19,6 +19,14 @@ const NO_PREALLOC: u32 = 1;
 #[map]
 pub static SERVICES_V4: HashMap<ServiceKeyV4, ServiceEntry> =
     HashMap::with_max_entries(SERVICES_V4_MAX_ENTRIES, NO_PREALLOC);
+
+/// The addresses of every frontend (the value means nothing): looked up before `SERVICES_V4`, so
+/// that a packet to any other address (a reply to a client's port, above all) costs one lookup
+/// keyed by address only, whose bucket stays in cache, rather than a miss in the large table,
+/// whose cost would grow with its fill.
+#[map]
+pub static FRONTEND_ADDRESSES_V4: HashMap<u32, u32> =
+    HashMap::with_max_entries(FRONTEND_ADDRESSES_V4_MAX_ENTRIES, NO_PREALLOC);
 
 #[map]
 pub static BACKENDS_V4: HashMap<u32, BackendV4> =

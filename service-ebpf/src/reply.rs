@@ -28,12 +28,14 @@ pub fn lookup(flow: &Ipv4Flow) -> Option<(ConntrackEntryV4, RevNatV4)> {
     Some((entry, frontend))
 }
 
-/// The TC side: rewrites a reply as [`lookup`] says, and passes everything else untouched.
+/// The TC side: rewrites a reply as [`lookup`] found it.
 #[inline(always)]
-pub fn from_backend(ctx: &TcContext, flow: &Ipv4Flow) -> i32 {
-    let Some((entry, frontend)) = lookup(flow) else {
-        return TC_ACT_OK;
-    };
+pub fn rewrite(
+    ctx: &TcContext,
+    flow: &Ipv4Flow,
+    entry: &ConntrackEntryV4,
+    frontend: &RevNatV4,
+) -> i32 {
     if nat::rewrite(ctx, flow, End::Source, frontend.address, frontend.port).is_err() {
         return TC_ACT_SHOT;
     }

@@ -14,7 +14,7 @@ use service_common::{
 
 use crate::{
     Origin, backend, conntrack,
-    maps::{BACKENDS_V4, CONNTRACK_V4, NODE_V4},
+    maps::{BACKENDS_V4, CONNTRACK_V4, FRONTEND_ADDRESSES_V4, NODE_V4, SERVICES_V4},
     nat::{self, End},
     packet::Ipv4Flow,
     reject,
@@ -38,9 +38,20 @@ pub enum Decision {
     Drop,
 }
 
+/// The frontend `flow` is addressed to, if any: the address-only `FRONTEND_ADDRESSES_V4` first,
+/// then `SERVICES_V4` (see the first map's comment).
+#[inline(always)]
+pub fn frontend_of(flow: &Ipv4Flow) -> Option<(ServiceKeyV4, &'static ServiceEntry)> {
+    // SAFETY: map values are plain data; a concurrent update can at worst give a stale value.
+    unsafe { FRONTEND_ADDRESSES_V4.get(flow.dst_address) }?;
+    let frontend = frontend_key(flow);
+    let service = unsafe { SERVICES_V4.get(frontend) }?;
+    Some((frontend, service))
+}
+
 /// The frontend key a packet is looked up by.
 #[inline(always)]
-pub fn frontend_key(flow: &Ipv4Flow) -> ServiceKeyV4 {
+fn frontend_key(flow: &Ipv4Flow) -> ServiceKeyV4 {
     ServiceKeyV4 {
         address: flow.dst_address,
         port: flow.dst_port,

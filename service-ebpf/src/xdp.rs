@@ -27,10 +27,10 @@ use service_common::{CT_SNAT, IPPROTO_UDP};
 use crate::{
     Origin,
     checksum::{Delta, half},
-    maps::{SERVICES_V4, XDP_EGRESS},
+    maps::XDP_EGRESS,
     packet::{self, IPV4_OFFSET, Ipv4Flow, xdp_pointer},
-    reply,
     service::{self, Decision},
+    target::{self, Target},
 };
 
 const AF_INET: u8 = 2;
@@ -61,31 +61,31 @@ pub fn serve(ctx: &XdpContext) -> u32 {
         Some(ip) if u16::from_be_bytes(ip.tot_len) <= LONGEST_UNMERGED_PACKET => {}
         _ => return XDP_PASS,
     }
-    let frontend = service::frontend_key(&flow);
-    // SAFETY: map values are plain data; a concurrent update can at worst give a stale value.
-    let (src, dst) = if let Some(service) = unsafe { SERVICES_V4.get(frontend) } {
-        match service::decide(&flow, Origin::External, &frontend, service) {
-            Decision::To(backend, entry) => {
-                let src = if entry.flags & CT_SNAT != 0 {
-                    (entry.nat_address, entry.nat_port)
-                } else {
-                    (flow.src_address, flow.src_port)
-                };
-                (src, (backend.address, backend.port))
+    let (src, dst) = match target::of(&flow) {
+        Target::Frontend(frontend, service) => {
+            match service::decide(&flow, Origin::External, &frontend, service) {
+                Decision::To(backend, entry) => {
+                    let src = if entry.flags & CT_SNAT != 0 {
+                        (entry.nat_address, entry.nat_port)
+                    } else {
+                        (flow.src_address, flow.src_port)
+                    };
+                    (src, (backend.address, backend.port))
+                }
+                // TC, on the same link, answers: that needs a new packet.
+                Decision::Refuse => return XDP_PASS,
+                Decision::Drop => return XDP_DROP,
             }
-            // TC, on the same link, answers: that needs a new packet.
-            Decision::Refuse => return XDP_PASS,
-            Decision::Drop => return XDP_DROP,
         }
-    } else if let Some((entry, frontend)) = reply::lookup(&flow) {
-        let dst = if entry.flags & CT_SNAT != 0 {
-            (entry.nat_address, entry.nat_port)
-        } else {
-            (flow.dst_address, flow.dst_port)
-        };
-        ((frontend.address, frontend.port), dst)
-    } else {
-        return XDP_PASS;
+        Target::Reply(entry, frontend) => {
+            let dst = if entry.flags & CT_SNAT != 0 {
+                (entry.nat_address, entry.nat_port)
+            } else {
+                (flow.dst_address, flow.dst_port)
+            };
+            ((frontend.address, frontend.port), dst)
+        }
+        Target::Other => return XDP_PASS,
     };
     let next_hop = next_hop(ctx, &flow, src, dst);
     if rewrite(ctx, &flow, src, dst, next_hop.is_some()).is_none() {

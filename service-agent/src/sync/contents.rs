@@ -11,6 +11,10 @@ pub struct MapContents {
     pub services: BTreeMap<ServiceKeyV4, ServiceEntry>,
     pub backends: BTreeMap<u32, BackendV4>,
     pub rev_nat: BTreeMap<u32, RevNatV4>,
+    /// The address of every frontend, for the packet path's first lookup. The ledger keeps it
+    /// (an address is shared by the frontends of many services: every nodePort of a node IP), so
+    /// a service's share leaves it empty and [`diff`] ignores it.
+    pub frontend_addresses: BTreeSet<u32>,
 }
 
 impl MapContents {
@@ -45,6 +49,8 @@ impl MapContents {
             MapOp::DeleteService(key) => drop(self.services.remove(key)),
             MapOp::DeleteRevNat(id) => drop(self.rev_nat.remove(id)),
             MapOp::DeleteBackend(id) => drop(self.backends.remove(id)),
+            MapOp::PutFrontendAddress(address) => drop(self.frontend_addresses.insert(*address)),
+            MapOp::DeleteFrontendAddress(address) => drop(self.frontend_addresses.remove(address)),
         }
     }
 }
@@ -58,6 +64,9 @@ pub enum MapOp {
     DeleteService(ServiceKeyV4),
     DeleteRevNat(u32),
     DeleteBackend(u32),
+    /// Comes before the first frontend with the address, and goes after the last one.
+    PutFrontendAddress(u32),
+    DeleteFrontendAddress(u32),
 }
 
 /// Ids that must never be handed out twice while a conntrack entry could still name them.

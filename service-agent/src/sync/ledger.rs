@@ -52,6 +52,8 @@ pub struct Ledger {
     backend_ids: HashMap<BackendV4, u32>,
     /// How many shares hold each backend id.
     backend_users: HashMap<u32, usize>,
+    /// How many frontends (slot-0 keys) of all shares have each address.
+    address_users: HashMap<u32, usize>,
     planned: BTreeMap<ServiceName, Planned>,
     claims: HashMap<ServiceKeyV4, BTreeSet<Claimant>>,
     /// Set at start and after a failed write: the next plan compares the whole of the maps with
@@ -67,6 +69,7 @@ impl Ledger {
             backend_ids: current.backends.iter().map(|(id, b)| (*b, *id)).collect(),
             current,
             backend_users: HashMap::new(),
+            address_users: HashMap::new(),
             planned: BTreeMap::new(),
             claims: HashMap::new(),
             full: true,
@@ -97,10 +100,14 @@ impl Ledger {
         let mut before = MapContents::default();
         let mut after = MapContents::default();
         let mut user_changes: HashMap<u32, isize> = HashMap::new();
+        let mut address_changes: HashMap<u32, isize> = HashMap::new();
         for name in &dirty {
             if let Some(previous) = self.planned.remove(name) {
                 for id in previous.share.backends.keys() {
                     *user_changes.entry(*id).or_default() -= 1;
+                }
+                for address in frontend_addresses(&previous.share) {
+                    *address_changes.entry(address).or_default() -= 1;
                 }
                 before.extend(&previous.share);
             }
@@ -120,6 +127,9 @@ impl Ledger {
             for id in share.backends.keys() {
                 *user_changes.entry(*id).or_default() += 1;
             }
+            for address in frontend_addresses(&share) {
+                *address_changes.entry(address).or_default() += 1;
+            }
             after.extend(&share);
             let planned = Planned {
                 service: service.clone(),
@@ -128,7 +138,9 @@ impl Ledger {
             };
             self.planned.insert(name.clone(), planned);
         }
-        let (added, removed) = self.count_backend_users(user_changes);
+        let (added, removed) = count_users(&mut self.backend_users, user_changes);
+        let (mut new_addresses, mut gone_addresses) =
+            count_users(&mut self.address_users, address_changes);
         before.backends.retain(|id, _| removed.contains(id));
         for backend in before.backends.values() {
             self.backend_ids.remove(backend);
@@ -143,16 +155,29 @@ impl Ledger {
             }
             let users = &self.backend_users;
             self.backend_ids.retain(|_, id| users.contains_key(id));
+            let programmed = &self.current.frontend_addresses;
+            new_addresses = (self.address_users.keys())
+                .filter(|address| !programmed.contains(address))
+                .copied()
+                .collect();
+            gone_addresses = (programmed.iter())
+                .filter(|address| !self.address_users.contains_key(address))
+                .copied()
+                .collect();
         }
         let removed_pairs = before
             .frontend_backends()
             .difference(&after.frontend_backends())
             .copied()
             .collect();
-        Plan {
-            ops: diff(&before, &after),
-            removed_pairs,
-        }
+        // An address is findable before the first frontend that has it, and stays until the
+        // last one is gone.
+        let mut ops: Vec<MapOp> = (new_addresses.into_iter())
+            .map(MapOp::PutFrontendAddress)
+            .collect();
+        ops.extend(diff(&before, &after));
+        ops.extend(gone_addresses.into_iter().map(MapOp::DeleteFrontendAddress));
+        Plan { ops, removed_pairs }
     }
 
     /// The Services added, changed or removed since the last plan: both maps are sorted by name,
@@ -211,29 +236,36 @@ impl Ledger {
         }
         dirty
     }
+}
 
-    /// Applies the changes in how many shares hold each backend id, and returns the ids that
-    /// gained their first user and those that lost their last.
-    fn count_backend_users(
-        &mut self,
-        changes: HashMap<u32, isize>,
-    ) -> (BTreeSet<u32>, BTreeSet<u32>) {
-        let (mut added, mut removed) = (BTreeSet::new(), BTreeSet::new());
-        for (id, change) in changes {
-            let before = self.backend_users.get(&id).copied().unwrap_or(0);
-            let after = before.saturating_add_signed(change);
-            if after == 0 {
-                self.backend_users.remove(&id);
-                if before > 0 {
-                    removed.insert(id);
-                }
-            } else {
-                self.backend_users.insert(id, after);
-                if before == 0 {
-                    added.insert(id);
-                }
+/// The addresses of `share`'s frontends, once per frontend.
+fn frontend_addresses(share: &MapContents) -> impl Iterator<Item = u32> + '_ {
+    (share.services.keys())
+        .filter(|key| key.slot == 0)
+        .map(|key| key.address)
+}
+
+/// Applies `changes` to how many users each key has, and returns the keys that gained their
+/// first user and those that lost their last.
+fn count_users(
+    users: &mut HashMap<u32, usize>,
+    changes: HashMap<u32, isize>,
+) -> (BTreeSet<u32>, BTreeSet<u32>) {
+    let (mut added, mut removed) = (BTreeSet::new(), BTreeSet::new());
+    for (key, change) in changes {
+        let before = users.get(&key).copied().unwrap_or(0);
+        let after = before.saturating_add_signed(change);
+        if after == 0 {
+            users.remove(&key);
+            if before > 0 {
+                removed.insert(key);
+            }
+        } else {
+            users.insert(key, after);
+            if before == 0 {
+                added.insert(key);
             }
         }
-        (added, removed)
     }
+    (added, removed)
 }

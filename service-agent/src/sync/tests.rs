@@ -106,12 +106,15 @@ fn new_service_writes_backends_then_slots_then_count() {
             MapOp::PutRevNat(..) => "revnat",
             MapOp::PutService(k, _) if k.slot == 0 => "count",
             MapOp::PutService(..) => "slot",
+            MapOp::PutFrontendAddress(..) => "address",
             _ => "delete",
         })
         .collect();
     assert_eq!(
         kinds,
-        ["backend", "backend", "revnat", "slot", "slot", "count"]
+        [
+            "address", "backend", "backend", "revnat", "slot", "slot", "count"
+        ]
     );
     let meta = next
         .services
@@ -320,6 +323,12 @@ fn meaning(contents: &MapContents) -> Meaning {
         let rev_nat = contents.rev_nat.get(&meta.rev_nat_id).copied();
         frontends.insert(*key, (meta.flags, rev_nat, slots));
     }
+    // The packet path finds exactly the frontends' addresses.
+    let addresses: BTreeSet<u32> = (contents.services.keys())
+        .filter(|key| key.slot == 0)
+        .map(|key| key.address)
+        .collect();
+    assert_eq!(contents.frontend_addresses, addresses);
     // Every slot key has its frontend, with a count that reaches it.
     for key in contents.services.keys().filter(|key| key.slot > 0) {
         let meta = contents.services[&ServiceKeyV4 { slot: 0, ..*key }];
@@ -480,8 +489,9 @@ fn one_endpoint_change_among_many_services_writes_only_that_service() {
     let mut desired = state(&as_refs);
     let mut ledger = fresh();
     let (ops, _) = step(&mut ledger, &desired);
-    // Two backends shared by every service, then a rev-NAT, two slots and a count each.
-    assert_eq!(ops.len(), 2 + 1000 * 4);
+    // Two backends shared by every service, then an address, a rev-NAT, two slots and a count
+    // each.
+    assert_eq!(ops.len(), 2 + 1000 * 5);
     let changed = desired.services.values_mut().nth(500).unwrap();
     Arc::make_mut(changed).ports[0]
         .endpoints
