@@ -89,6 +89,24 @@ fn start_agent<'t>(
     Agent::start_with_kubeconfig(topology, &kubeconfig, extra_args)
 }
 
+/// Publishes the Service `web` with `web-0` ready through `api`, starts an agent on it and waits
+/// until `client` reaches `web-0` through the ClusterIP.
+fn serve_web_0<'t>(
+    topology: &'t Topology,
+    api: &StandInApiServer,
+    client: &Pod,
+    web: &[Pod],
+) -> Result<Agent<'t>> {
+    api.apply(Resource::Services, web_service());
+    api.apply(
+        Resource::EndpointSlices,
+        web_slice("web-abc", &[ready(&web[0])]),
+    );
+    let agent = start_agent(topology, api, &[])?;
+    agent.wait_for_backends(client, Transport::Tcp, tcp(), &["web-0"])?;
+    Ok(agent)
+}
+
 #[test]
 fn a_service_created_through_the_api_answers_and_follows_its_slices() -> Result<()> {
     if !privileged("a_service_created_through_the_api_answers_and_follows_its_slices") {
@@ -173,13 +191,7 @@ fn a_terminating_endpoints_open_connections_finish() -> Result<()> {
     }
     let (topology, client, web) = node(&["web-0", "web-1"])?;
     let api = StandInApiServer::start_in(topology.node_netns())?;
-    api.apply(Resource::Services, web_service());
-    api.apply(
-        Resource::EndpointSlices,
-        web_slice("web-abc", &[ready(&web[0])]),
-    );
-    let agent = start_agent(&topology, &api, &[])?;
-    agent.wait_for_backends(&client, Transport::Tcp, tcp(), &["web-0"])?;
+    let agent = serve_web_0(&topology, &api, &client, &web)?;
     let mut open = client.tcp_connect(tcp())?;
     ensure!(
         open.request()? == "web-0",
@@ -333,13 +345,7 @@ fn a_watch_answered_410_gone_relists_without_flushing() -> Result<()> {
     }
     let (topology, client, web) = node(&["web-0", "web-1"])?;
     let api = StandInApiServer::start_in(topology.node_netns())?;
-    api.apply(Resource::Services, web_service());
-    api.apply(
-        Resource::EndpointSlices,
-        web_slice("web-abc", &[ready(&web[0])]),
-    );
-    let agent = start_agent(&topology, &api, &[])?;
-    agent.wait_for_backends(&client, Transport::Tcp, tcp(), &["web-0"])?;
+    let agent = serve_web_0(&topology, &api, &client, &web)?;
     let lists = api.lists_of(Resource::Services);
     let syncs = agent.synced_lines()?.len();
 
@@ -446,13 +452,7 @@ fn a_bad_update_is_reported_and_the_last_good_service_stays() -> Result<()> {
     }
     let (topology, client, web) = node(&["web-0"])?;
     let api = StandInApiServer::start_in(topology.node_netns())?;
-    api.apply(Resource::Services, web_service());
-    api.apply(
-        Resource::EndpointSlices,
-        web_slice("web-abc", &[ready(&web[0])]),
-    );
-    let agent = start_agent(&topology, &api, &[])?;
-    agent.wait_for_backends(&client, Transport::Tcp, tcp(), &["web-0"])?;
+    let agent = serve_web_0(&topology, &api, &client, &web)?;
 
     // Something a validating API server would refuse, as a newer or broken one might send it.
     let mut broken = web_service();
