@@ -123,11 +123,12 @@ async fn serve_until_signal(
     let mut source = Source::new(args).await?;
     let (published, state) = watch::channel(Arc::new(DesiredState::default()));
     let mut service_health = ServiceHealthServers::new(node_name, published.subscribe());
-    let _api = api::serve(&args.api_socket, state)?;
+    // Health first: once the API socket answers (what tools and tests wait for), /healthz does.
     let (synced, ready) = watch::channel(false);
     if let Some(address) = args.metrics_address {
         health::serve(address, ready).await?;
     }
+    let _api = api::serve(&args.api_socket, state)?;
     let mut ticks = tokio::time::interval(POLL_INTERVAL);
     let result = loop {
         tokio::select! {
