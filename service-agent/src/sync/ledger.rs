@@ -95,14 +95,15 @@ impl Ledger {
     /// each write that succeeds, and reports a failed one.
     pub fn plan(&mut self, desired: &DesiredState) -> Plan {
         let changed = self.changed_services(desired);
-        let dirty = self.update_claims(&changed, desired);
+        let (dirty, mut new_frontends) = self.update_claims(&changed, desired);
 
         let mut before = MapContents::default();
         let mut after = MapContents::default();
         let mut user_changes: HashMap<u32, isize> = HashMap::new();
         let mut address_changes: HashMap<u32, isize> = HashMap::new();
         for name in &dirty {
-            if let Some(previous) = self.planned.remove(name) {
+            let previous = self.planned.remove(name);
+            if let Some(previous) = &previous {
                 for id in previous.share.backends.keys() {
                     *user_changes.entry(*id).or_default() -= 1;
                 }
@@ -131,9 +132,14 @@ impl Ledger {
                 *address_changes.entry(address).or_default() += 1;
             }
             after.extend(&share);
+            // A Service re-planned only because another one's claims moved asks for the same
+            // frontends as before.
+            let frontends = (new_frontends.remove(name))
+                .or_else(|| previous.map(|previous| previous.frontends))
+                .unwrap_or_else(|| wanted_frontends(service, &self.node));
             let planned = Planned {
                 service: service.clone(),
-                frontends: wanted_frontends(service, &self.node),
+                frontends,
                 share,
             };
             self.planned.insert(name.clone(), planned);
@@ -200,14 +206,18 @@ impl Ledger {
     }
 
     /// Moves the claims of `changed` Services to their new frontends, and returns the Services
-    /// to re-plan: the changed ones and every other claimant of a frontend they left or asked for
-    /// (its owner may have changed).
+    /// to re-plan (the changed ones and every other claimant of a frontend they left or asked
+    /// for: its owner may have changed) with the frontends each changed one now asks for.
     fn update_claims(
         &mut self,
         changed: &[ServiceName],
         desired: &DesiredState,
-    ) -> BTreeSet<ServiceName> {
+    ) -> (
+        BTreeSet<ServiceName>,
+        HashMap<ServiceName, BTreeSet<ServiceKeyV4>>,
+    ) {
         let mut touched = BTreeSet::new();
+        let mut new_frontends = HashMap::new();
         for name in changed {
             if let Some(previous) = self.planned.get(name) {
                 let claimant = (previous.service.created, name.clone());
@@ -223,10 +233,15 @@ impl Ledger {
             }
             if let Some(service) = desired.services.get(name) {
                 let claimant = (service.created, name.clone());
-                for key in wanted_frontends(service, &self.node) {
-                    self.claims.entry(key).or_default().insert(claimant.clone());
-                    touched.insert(key);
+                let frontends = wanted_frontends(service, &self.node);
+                for key in &frontends {
+                    self.claims
+                        .entry(*key)
+                        .or_default()
+                        .insert(claimant.clone());
+                    touched.insert(*key);
                 }
+                new_frontends.insert(name.clone(), frontends);
             }
         }
         let mut dirty: BTreeSet<ServiceName> = changed.iter().cloned().collect();
@@ -234,7 +249,7 @@ impl Ledger {
             let claimants = self.claims.get(key).into_iter().flatten();
             dirty.extend(claimants.map(|(_, name)| name.clone()));
         }
-        dirty
+        (dirty, new_frontends)
     }
 }
 
