@@ -89,21 +89,20 @@ fn start_agent<'t>(
     Agent::start_with_kubeconfig(topology, &kubeconfig, extra_args)
 }
 
-/// Publishes the Service `web` with `web-0` ready through `api`, starts an agent on it and waits
-/// until `client` reaches `web-0` through the ClusterIP.
-fn serve_web_0<'t>(
+/// Publishes the Service `web` with the pods `ready` as its ready endpoints through `api`, starts
+/// an agent on it and waits until `client` reaches exactly those pods through the ClusterIP.
+fn serve_web<'t>(
     topology: &'t Topology,
     api: &StandInApiServer,
     client: &Pod,
-    web: &[Pod],
+    ready_pods: &[Pod],
 ) -> Result<Agent<'t>> {
     api.apply(Resource::Services, web_service());
-    api.apply(
-        Resource::EndpointSlices,
-        web_slice("web-abc", &[ready(&web[0])]),
-    );
+    let endpoints: Vec<SliceEndpoint> = ready_pods.iter().map(ready).collect();
+    api.apply(Resource::EndpointSlices, web_slice("web-abc", &endpoints));
     let agent = start_agent(topology, api, &[])?;
-    agent.wait_for_backends(client, Transport::Tcp, tcp(), &["web-0"])?;
+    let names: Vec<&str> = ready_pods.iter().map(|pod| pod.name.as_str()).collect();
+    agent.wait_for_backends(client, Transport::Tcp, tcp(), &names)?;
     Ok(agent)
 }
 
@@ -157,13 +156,7 @@ fn a_terminating_endpoint_gets_no_new_flows_and_is_the_last_resort() -> Result<(
     }
     let (topology, client, web) = node(&["web-0", "web-1"])?;
     let api = StandInApiServer::start_in(topology.node_netns())?;
-    api.apply(Resource::Services, web_service());
-    api.apply(
-        Resource::EndpointSlices,
-        web_slice("web-abc", &[ready(&web[0]), ready(&web[1])]),
-    );
-    let agent = start_agent(&topology, &api, &[])?;
-    agent.wait_for_backends(&client, Transport::Tcp, tcp(), &["web-0", "web-1"])?;
+    let agent = serve_web(&topology, &api, &client, &web)?;
 
     // web-0 is being deleted (terminating, still serving): new flows go to web-1 only.
     api.apply(
@@ -191,7 +184,7 @@ fn a_terminating_endpoints_open_connections_finish() -> Result<()> {
     }
     let (topology, client, web) = node(&["web-0", "web-1"])?;
     let api = StandInApiServer::start_in(topology.node_netns())?;
-    let agent = serve_web_0(&topology, &api, &client, &web)?;
+    let agent = serve_web(&topology, &api, &client, &web[..1])?;
     let mut open = client.tcp_connect(tcp())?;
     ensure!(
         open.request()? == "web-0",
@@ -287,13 +280,7 @@ fn an_api_outage_mid_run_changes_nothing_in_the_dataplane() -> Result<()> {
     }
     let (topology, client, web) = node(&["web-0", "web-1"])?;
     let api = StandInApiServer::start_in(topology.node_netns())?;
-    api.apply(Resource::Services, web_service());
-    api.apply(
-        Resource::EndpointSlices,
-        web_slice("web-abc", &[ready(&web[0]), ready(&web[1])]),
-    );
-    let agent = start_agent(&topology, &api, &[])?;
-    agent.wait_for_backends(&client, Transport::Tcp, tcp(), &["web-0", "web-1"])?;
+    let agent = serve_web(&topology, &api, &client, &web)?;
     let programmed = agent.services()?;
     let syncs = agent.synced_lines()?.len();
 
@@ -345,7 +332,7 @@ fn a_watch_answered_410_gone_relists_without_flushing() -> Result<()> {
     }
     let (topology, client, web) = node(&["web-0", "web-1"])?;
     let api = StandInApiServer::start_in(topology.node_netns())?;
-    let agent = serve_web_0(&topology, &api, &client, &web)?;
+    let agent = serve_web(&topology, &api, &client, &web[..1])?;
     let lists = api.lists_of(Resource::Services);
     let syncs = agent.synced_lines()?.len();
 
@@ -452,7 +439,7 @@ fn a_bad_update_is_reported_and_the_last_good_service_stays() -> Result<()> {
     }
     let (topology, client, web) = node(&["web-0"])?;
     let api = StandInApiServer::start_in(topology.node_netns())?;
-    let agent = serve_web_0(&topology, &api, &client, &web)?;
+    let agent = serve_web(&topology, &api, &client, &web[..1])?;
 
     // Something a validating API server would refuse, as a newer or broken one might send it.
     let mut broken = web_service();
