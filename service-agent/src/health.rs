@@ -32,13 +32,26 @@ pub async fn serve(address: SocketAddr, ready: watch::Receiver<bool>) -> Result<
     Ok(())
 }
 
+/// How much of a request is read at most: a longer request line is cut there.
+const MAX_REQUEST_LINE: usize = 1024;
+
+/// The request line of an HTTP request (lossy UTF-8), read until it is complete: a client may
+/// send it in several segments ("GET ", the path, the rest), and answering and closing after the
+/// first would reset the connection under the rest. Also used by the healthCheckNodePort servers.
+pub async fn read_request_line(stream: &mut TcpStream) -> String {
+    let mut request = Vec::new();
+    let mut chunk = [0u8; 512];
+    while !request.contains(&b'\n') && request.len() < MAX_REQUEST_LINE {
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(length) => request.extend_from_slice(&chunk[..length]),
+        }
+    }
+    String::from_utf8_lossy(&request).into_owned()
+}
+
 async fn answer(mut stream: TcpStream, ready: bool) {
-    // A probe's request fits in one read; only its request line matters.
-    let mut request = [0u8; 1024];
-    let Ok(length) = stream.read(&mut request).await else {
-        return;
-    };
-    let request = String::from_utf8_lossy(&request[..length]);
+    let request = read_request_line(&mut stream).await;
     let path = request.split_whitespace().nth(1).unwrap_or("");
     let (status, body) = match path {
         "/healthz" => ("200 OK", "ok\n"),
@@ -52,4 +65,30 @@ async fn answer(mut stream: TcpStream, ready: bool) {
     );
     // A probe that hung up early needs no answer.
     let _ = stream.write_all(response.as_bytes()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::{io::AsyncWriteExt as _, net::TcpListener};
+
+    use super::*;
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_request_line_sent_in_pieces_is_read_whole() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let client = tokio::spawn(async move {
+            let mut stream = TcpStream::connect(address).await.unwrap();
+            for piece in ["GET ", "/healthz", " HTTP/1.1\r\n", "Host: probe\r\n\r\n"] {
+                stream.write_all(piece.as_bytes()).await.unwrap();
+                stream.flush().await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            stream
+        });
+        let (mut server, _) = listener.accept().await.unwrap();
+        let line = read_request_line(&mut server).await;
+        assert!(line.starts_with("GET /healthz HTTP/1.1\r\n"), "{line:?}");
+        drop(client.await.unwrap());
+    }
 }

@@ -12,7 +12,7 @@ use std::{
 };
 
 use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    io::AsyncWriteExt as _,
     net::{TcpListener, TcpStream},
     sync::watch,
     task::JoinHandle,
@@ -152,11 +152,9 @@ fn response(service: &ServiceName, count: usize) -> String {
 }
 
 async fn answer(mut stream: TcpStream, service: ServiceName, count: usize) {
-    // A probe's request fits in one read; its content does not change the answer.
-    let mut request = [0u8; 1024];
-    if stream.read(&mut request).await.is_err() {
-        return;
-    }
+    // Its content does not change the answer, but answering before it is read would reset the
+    // connection under a request still arriving.
+    crate::health::read_request_line(&mut stream).await;
     // A probe that hung up early needs no answer.
     let _ = stream.write_all(response(&service, count).as_bytes()).await;
 }
