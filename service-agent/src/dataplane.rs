@@ -1,15 +1,17 @@
 //! Loading the kernel programs, owning their maps and pins.
 
+pub mod batch;
+
 use std::{
     fs, mem,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsFd as _, AsRawFd, FromRawFd, OwnedFd},
     path::{Path, PathBuf},
 };
 
 use anyhow::{Context as _, Result, bail};
 use aya::{
-    Ebpf, EbpfLoader,
-    maps::{Array, DevMapHash, HashMap, MapData},
+    Ebpf, EbpfLoader, Pod,
+    maps::{Array, DevMapHash, HashMap, IterableMap as _, MapData},
     programs::{CgroupSockAddr, SchedClassifier, Xdp},
 };
 use service_common::{
@@ -239,18 +241,47 @@ impl ServiceMaps {
         Ok(contents)
     }
 
-    pub fn apply(&mut self, op: &MapOp) -> Result<()> {
-        match op {
-            MapOp::PutBackend(id, backend) => self.backends.insert(id, backend, 0)?,
-            MapOp::PutRevNat(id, rev_nat) => self.rev_nat.insert(id, rev_nat, 0)?,
-            MapOp::PutService(key, entry) => self.services.insert(key, entry, 0)?,
-            MapOp::DeleteService(key) => self.services.remove(key)?,
-            MapOp::DeleteRevNat(id) => self.rev_nat.remove(id)?,
-            MapOp::DeleteBackend(id) => self.backends.remove(id)?,
-            MapOp::PutFrontendAddress(address) => self.frontend_addresses.insert(address, 1, 0)?,
-            MapOp::DeleteFrontendAddress(address) => self.frontend_addresses.remove(address)?,
+    /// Writes a run of operations of one kind (one variant of MapOp) with one system call.
+    pub fn apply_run(&mut self, run: &[MapOp]) -> Result<(), batch::Stopped> {
+        let Some(first) = run.first() else {
+            return Ok(());
+        };
+        match first {
+            MapOp::PutBackend(..) => put_all(&self.backends, run, |op| match op {
+                MapOp::PutBackend(id, backend) => Some((*id, *backend)),
+                _ => None,
+            }),
+            MapOp::PutRevNat(..) => put_all(&self.rev_nat, run, |op| match op {
+                MapOp::PutRevNat(id, rev_nat) => Some((*id, *rev_nat)),
+                _ => None,
+            }),
+            MapOp::PutService(..) => put_all(&self.services, run, |op| match op {
+                MapOp::PutService(key, entry) => Some((*key, *entry)),
+                _ => None,
+            }),
+            MapOp::PutFrontendAddress(_) => put_all(&self.frontend_addresses, run, |op| match op {
+                MapOp::PutFrontendAddress(address) => Some((*address, 1)),
+                _ => None,
+            }),
+            MapOp::DeleteService(_) => delete_all(&self.services, run, |op| match op {
+                MapOp::DeleteService(key) => Some(*key),
+                _ => None,
+            }),
+            MapOp::DeleteRevNat(_) => delete_all(&self.rev_nat, run, |op| match op {
+                MapOp::DeleteRevNat(id) => Some(*id),
+                _ => None,
+            }),
+            MapOp::DeleteBackend(_) => delete_all(&self.backends, run, |op| match op {
+                MapOp::DeleteBackend(id) => Some(*id),
+                _ => None,
+            }),
+            MapOp::DeleteFrontendAddress(_) => {
+                delete_all(&self.frontend_addresses, run, |op| match op {
+                    MapOp::DeleteFrontendAddress(address) => Some(*address),
+                    _ => None,
+                })
+            }
         }
-        Ok(())
     }
 
     /// The conntrack keys whose entries match `stale`: collected first, since deleting while
@@ -276,6 +307,26 @@ impl ServiceMaps {
             Err(err) => Err(err).context("deleting a conntrack entry"),
         }
     }
+}
+
+const MIXED_RUN: &str = "a run holds one kind of map operation";
+
+fn put_all<K: Pod, V: Pod>(
+    map: &HashMap<MapData, K, V>,
+    run: &[MapOp],
+    entry: impl Fn(&MapOp) -> Option<(K, V)>,
+) -> Result<(), batch::Stopped> {
+    let (keys, values): (Vec<K>, Vec<V>) = run.iter().map(|op| entry(op).expect(MIXED_RUN)).unzip();
+    batch::update(map.map().fd().as_fd(), &keys, &values)
+}
+
+fn delete_all<K: Pod, V: Pod>(
+    map: &HashMap<MapData, K, V>,
+    run: &[MapOp],
+    key: impl Fn(&MapOp) -> Option<K>,
+) -> Result<(), batch::Stopped> {
+    let keys: Vec<K> = run.iter().map(|op| key(op).expect(MIXED_RUN)).collect();
+    batch::delete(map.map().fd().as_fd(), &keys)
 }
 
 /// Whose sockets the cgroup socket hooks balance.

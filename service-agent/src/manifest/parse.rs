@@ -1,10 +1,16 @@
 //! One manifest file's text into API objects: YAML documents separated by `---` (JSON is YAML
 //! too), and lists (`kind: List` or `ServiceList`...) of objects. Every error names the file, the
 //! document and the field, so that it can be fixed without guesswork.
+//!
+//! Each document is turned into objects as soon as it is read and then dropped, so that a file of
+//! ten thousand Services never holds all of its syntax trees at once (allocating and freeing those
+//! was most of the time spent reading one). JSON is never built into a tree at all: its objects
+//! are deserialized straight from their text.
 
 use std::path::Path;
 
 use serde::{Deserialize, de::DeserializeOwned};
+use serde_json::value::RawValue;
 use serde_yaml::Value;
 
 use crate::controlplane::objects::{Located, Object, Origin};
@@ -12,31 +18,27 @@ use crate::controlplane::objects::{Located, Object, Origin};
 /// The understood objects of a file, or every problem found in it: a file is used whole or not
 /// at all, so that half of an edit never goes live.
 pub fn parse_manifest(file: &Path, text: &str) -> Result<Vec<Located<Object>>, Vec<String>> {
-    // Numbered across chunks as in one stream.
-    let mut next_index = 0;
-    let numbered: Vec<(usize, Vec<Document>)> = documents(text)
-        .into_iter()
-        .map(|chunk| {
-            let first = next_index;
-            next_index += chunk.len();
-            (first, chunk)
-        })
-        .collect();
-    let parsed = on_every_core(numbered, |(first, chunk)| {
-        let (mut objects, mut problems) = (Vec::new(), Vec::new());
-        for (offset, document) in chunk.into_iter().enumerate() {
-            let origin = format!("{}: document {}", file.display(), first + offset + 1);
-            match document {
-                Ok(value) => parse_object(value, origin, None, &mut objects, &mut problems),
-                Err(error) => problems.push(format!("{origin}: {error}")),
-            }
-        }
-        (objects, problems)
-    });
+    let chunks = match json_documents(text) {
+        Some(documents) => vec![documents.into_iter().map(read_json_document).collect()],
+        None => on_every_core(yaml_chunks(text), read_yaml_chunk),
+    };
     let (mut objects, mut problems) = (Vec::new(), Vec::new());
-    for (chunk_objects, chunk_problems) in parsed {
-        objects.extend(chunk_objects);
-        problems.extend(chunk_problems);
+    // Numbered across chunks as in one stream.
+    for (index, document) in chunks.into_iter().flatten().enumerate() {
+        let origin = |within: &str| format!("{}: document {}{within}", file.display(), index + 1);
+        for (within, object) in document.objects {
+            objects.push(Located {
+                origin: Origin::new(origin(&within)),
+                object,
+            });
+        }
+        for (within, problem) in document.problems {
+            problems.push(format!("{}{problem}", origin(&within)));
+        }
+        // After a syntax error the parser would only repeat it.
+        if document.broken {
+            break;
+        }
     }
     if problems.is_empty() {
         Ok(objects)
@@ -45,46 +47,70 @@ pub fn parse_manifest(file: &Path, text: &str) -> Result<Vec<Located<Object>>, V
     }
 }
 
-/// One document of a stream: its value, or why the stream is broken there.
-type Document = Result<Value, String>;
-
-/// The documents of a file, in chunks that were read on different cores. A broken document ends
-/// the stream: nothing after it is returned, as in one sequential pass.
-fn documents(text: &str) -> Vec<Vec<Document>> {
-    // JSON is YAML too, but serde_json reads it several times faster than libyaml does (what
-    // `kubectl get -o json` prints can be megabytes). A stream of JSON values counts its
-    // documents like a YAML stream. YAML's flow style starts with `{` too: whatever is not JSON
-    // throughout is read as YAML, whose parser then also reports what is broken.
-    if text.trim_start().starts_with('{') {
-        let stream = serde_json::Deserializer::from_str(text).into_iter::<Value>();
-        let json = up_to_first_broken(stream.map(|d| d.map_err(|e| e.to_string())));
-        if json.iter().all(Result::is_ok) {
-            return vec![json];
-        }
-    }
-    let mut chunks = on_every_core(yaml_chunks(text), |chunk| {
-        let stream = serde_yaml::Deserializer::from_str(chunk);
-        up_to_first_broken(stream.map(|d| Value::deserialize(d).map_err(|e| e.to_string())))
-    });
-    if let Some(broken) = chunks
-        .iter()
-        .position(|chunk| chunk.last().is_some_and(Result::is_err))
-    {
-        chunks.truncate(broken + 1);
-    }
-    chunks
+/// What one document holds, before its number in the stream is known (the pieces of a large
+/// stream are read in parallel). Each entry says where in the document it is (`, items[3]`, or
+/// nothing for the document itself); a problem's text continues the origin it will be given.
+#[derive(Default)]
+struct Document {
+    objects: Vec<(String, Object)>,
+    problems: Vec<(String, String)>,
+    /// The stream cannot be read past this document.
+    broken: bool,
 }
 
-/// The documents up to and including the first broken one: after a syntax error the parser
-/// would only repeat it.
-fn up_to_first_broken(stream: impl Iterator<Item = Document>) -> Vec<Document> {
-    let mut documents = Vec::new();
-    for document in stream {
-        let broken = document.is_err();
-        documents.push(document);
-        if broken {
-            break;
+impl Document {
+    fn problem(problem: String) -> Self {
+        Document {
+            problems: vec![(String::new(), problem)],
+            ..Document::default()
         }
+    }
+}
+
+/// A stream of JSON values, each as its text, if the whole of `text` is one. JSON is YAML too,
+/// but serde_json reads it several times faster than libyaml does (what `kubectl get -o json`
+/// prints can be megabytes). YAML's flow style starts with `{` too: whatever is not JSON
+/// throughout is read as YAML, whose parser then also reports what is broken.
+fn json_documents(text: &str) -> Option<Vec<&RawValue>> {
+    if !text.trim_start().starts_with('{') {
+        return None;
+    }
+    serde_json::Deserializer::from_str(text)
+        .into_iter::<&RawValue>()
+        .collect::<Result<_, _>>()
+        .ok()
+}
+
+fn read_json_document(document: &RawValue) -> Document {
+    let mut read = Document::default();
+    read_object(JsonNode(document), String::new(), None, &mut read);
+    read
+}
+
+/// The documents of one piece of a YAML stream, up to and including the first broken one.
+fn read_yaml_chunk(chunk: &str) -> Vec<Document> {
+    // Resolving merge keys walks every mapping; a piece without `<<` has none.
+    let may_merge = chunk.contains("<<");
+    let mut documents = Vec::new();
+    for document in serde_yaml::Deserializer::from_str(chunk) {
+        let mut value = match Value::deserialize(document) {
+            Ok(value) => value,
+            Err(error) => {
+                documents.push(Document {
+                    broken: true,
+                    ..Document::problem(format!(": {error}"))
+                });
+                break;
+            }
+        };
+        // YAML merge keys (`<<: *defaults`) are resolved as kubectl resolves them.
+        if may_merge && let Err(error) = value.apply_merge() {
+            documents.push(Document::problem(format!(": {error}")));
+            continue;
+        }
+        let mut read = Document::default();
+        read_object(value, String::new(), None, &mut read);
+        documents.push(read);
     }
     documents
 }
@@ -165,89 +191,123 @@ struct ListItemType<'a> {
     api_version: &'a str,
 }
 
-fn parse_object(
-    mut value: Value,
-    origin: String,
+const NOT_AN_OBJECT: &str = "expected a Kubernetes object (a mapping with apiVersion and kind)";
+
+/// What telling a document's kind apart needs, as each syntax provides it.
+trait Node: Sized {
+    /// `None` for an empty document (e.g. after a trailing `---`); an error when this is no
+    /// mapping.
+    fn header(&self) -> Result<Option<Header>, String>;
+    /// A list's `items`: `None` when there are none, an error when they are no list.
+    fn into_items(self) -> Result<Option<Vec<Self>>, ()>;
+    /// The object, or the path of the field that is wrong and what is wrong with it.
+    fn into_object<T: DeserializeOwned>(self) -> Result<T, (String, String)>;
+}
+
+/// A document's kind and apiVersion (`None` when missing, an error when no string), and its
+/// `namespace/name` for messages, read leniently since the object has not been checked yet.
+struct Header {
+    kind: Result<Option<String>, ()>,
+    api_version: Result<Option<String>, ()>,
+    qualified_name: String,
+}
+
+fn qualified_name(namespace: Option<&str>, name: Option<&str>) -> String {
+    let namespace = namespace.filter(|ns| !ns.is_empty()).unwrap_or("default");
+    format!("{namespace}/{}", name.unwrap_or("<unnamed>"))
+}
+
+/// Reads one document or list item into `read`; `within` says where it is in its document.
+fn read_object<N: Node>(
+    node: N,
+    within: String,
     list_item_type: Option<ListItemType>,
-    objects: &mut Vec<Located<Object>>,
-    problems: &mut Vec<String>,
+    read: &mut Document,
 ) {
-    // An empty document, e.g. after a trailing `---`.
-    if value.is_null() {
-        return;
-    }
-    // YAML merge keys (`<<: *defaults`) are resolved as kubectl resolves them.
-    if let Err(error) = value.apply_merge() {
-        problems.push(format!("{origin}: {error}"));
-        return;
-    }
-    if !value.is_mapping() {
-        problems.push(format!(
-            "{origin}: expected a Kubernetes object (a mapping with apiVersion and kind)"
-        ));
-        return;
-    }
-    let string_field = |name: &str, inherited: Option<&str>| match value.get(name) {
-        Some(Value::String(text)) => Ok(text.clone()),
-        None | Some(Value::Null) => inherited
-            .map(str::to_owned)
-            .ok_or_else(|| format!("{origin}: {name}: missing")),
-        Some(_) => Err(format!("{origin}: {name}: must be a string")),
-    };
-    let (kind, api_version) = match (
-        string_field("kind", list_item_type.as_ref().map(|t| t.kind)),
-        string_field("apiVersion", list_item_type.as_ref().map(|t| t.api_version)),
-    ) {
-        (Ok(kind), Ok(api_version)) => (kind, api_version),
-        (kind, api_version) => {
-            problems.extend(kind.err().into_iter().chain(api_version.err()));
+    let header = match node.header() {
+        Ok(Some(header)) => header,
+        Ok(None) => return,
+        Err(problem) => {
+            read.problems.push((within, format!(": {problem}")));
             return;
         }
     };
-    let described = format!("{origin} ({kind} {})", qualified_name(&value));
+    let string_field =
+        |name: &str, field: Result<Option<String>, ()>, inherited: Option<&str>| match field {
+            Ok(Some(text)) => Ok(text),
+            Ok(None) => inherited
+                .map(str::to_owned)
+                .ok_or_else(|| format!(": {name}: missing")),
+            Err(()) => Err(format!(": {name}: must be a string")),
+        };
+    let (kind, api_version) = match (
+        string_field("kind", header.kind, list_item_type.as_ref().map(|t| t.kind)),
+        string_field(
+            "apiVersion",
+            header.api_version,
+            list_item_type.as_ref().map(|t| t.api_version),
+        ),
+    ) {
+        (Ok(kind), Ok(api_version)) => (kind, api_version),
+        (kind, api_version) => {
+            let problems = kind.err().into_iter().chain(api_version.err());
+            read.problems
+                .extend(problems.map(|problem| (within.clone(), problem)));
+            return;
+        }
+    };
+    let described = format!(" ({kind} {})", header.qualified_name);
     // The version within the group is not checked: the fields read here are the same in all
     // of them.
     let group = api_version
         .rsplit_once('/')
         .map_or("", |(group, _version)| group);
     let object = match (group, kind.as_str()) {
-        ("", "Service") => deserialize(value, &described).map(Object::Service),
-        ("", "Pod") => deserialize(value, &described).map(Object::Pod),
-        ("", "Endpoints") => deserialize(value, &described).map(Object::Endpoints),
+        ("", "Service") => into_object(node, &described).map(Object::Service),
+        ("", "Pod") => into_object(node, &described).map(Object::Pod),
+        ("", "Endpoints") => into_object(node, &described).map(Object::Endpoints),
         ("discovery.k8s.io", "EndpointSlice") => {
-            deserialize(value, &described).map(Object::EndpointSlice)
+            into_object(node, &described).map(Object::EndpointSlice)
         }
         (_, list_kind) if list_kind.ends_with("List") => {
-            parse_list(value, &origin, list_kind, &api_version, objects, problems);
+            read_list(node, &within, list_kind, &api_version, read);
             return;
         }
         _ => {
-            tracing::debug!("{described}: not a kind a Service proxy needs; skipped");
+            tracing::debug!("{within}{described}: not a kind a Service proxy needs; skipped");
             return;
         }
     };
     match object {
-        Ok(object) => objects.push(Located {
-            origin: Origin::new(origin),
-            object,
-        }),
-        Err(problem) => problems.push(problem),
+        Ok(object) => read.objects.push((within, object)),
+        Err(problem) => read.problems.push((within, problem)),
     }
 }
 
-fn parse_list(
-    mut list: Value,
-    origin: &str,
+fn into_object<N: Node, T: DeserializeOwned>(node: N, described: &str) -> Result<T, String> {
+    node.into_object().map_err(|(path, message)| {
+        // "." is the path of the object itself, e.g. for a missing top-level field.
+        if path == "." {
+            format!("{described}: {message}")
+        } else {
+            format!("{described}: {path}: {message}")
+        }
+    })
+}
+
+fn read_list<N: Node>(
+    list: N,
+    within: &str,
     list_kind: &str,
     api_version: &str,
-    objects: &mut Vec<Located<Object>>,
-    problems: &mut Vec<String>,
+    read: &mut Document,
 ) {
-    let items = match list.get_mut("items").map(std::mem::take) {
-        None | Some(Value::Null) => return,
-        Some(Value::Sequence(items)) => items,
-        Some(_) => {
-            problems.push(format!("{origin} ({list_kind}): items: must be a list"));
+    let items = match list.into_items() {
+        Ok(Some(items)) => items,
+        Ok(None) => return,
+        Err(()) => {
+            let problem = format!(" ({list_kind}): items: must be a list");
+            read.problems.push((within.to_owned(), problem));
             return;
         }
     };
@@ -264,36 +324,134 @@ fn parse_list(
             kind: t.kind,
             api_version: t.api_version,
         });
-        parse_object(
-            item,
-            format!("{origin}, items[{index}]"),
-            item_type,
-            objects,
-            problems,
-        );
+        read_object(item, format!("{within}, items[{index}]"), item_type, read);
     }
 }
 
-/// `namespace/name` for messages, read leniently since the object has not been checked yet.
-fn qualified_name(value: &Value) -> String {
-    let metadata = value.get("metadata");
-    let field = |name: &str| metadata.and_then(|m| m.get(name)).and_then(Value::as_str);
-    let namespace = field("namespace")
-        .filter(|ns| !ns.is_empty())
-        .unwrap_or("default");
-    format!("{namespace}/{}", field("name").unwrap_or("<unnamed>"))
+/// A YAML document or list item, as a tree.
+impl Node for Value {
+    fn header(&self) -> Result<Option<Header>, String> {
+        if self.is_null() {
+            return Ok(None);
+        }
+        if !self.is_mapping() {
+            return Err(NOT_AN_OBJECT.to_owned());
+        }
+        let string_field = |name: &str| match self.get(name) {
+            Some(Value::String(text)) => Ok(Some(text.clone())),
+            None | Some(Value::Null) => Ok(None),
+            Some(_) => Err(()),
+        };
+        let metadata = self.get("metadata");
+        let metadata_field =
+            |name: &str| metadata.and_then(|m| m.get(name)).and_then(Value::as_str);
+        Ok(Some(Header {
+            kind: string_field("kind"),
+            api_version: string_field("apiVersion"),
+            qualified_name: qualified_name(metadata_field("namespace"), metadata_field("name")),
+        }))
+    }
+
+    fn into_items(mut self) -> Result<Option<Vec<Self>>, ()> {
+        match self.get_mut("items").map(std::mem::take) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Sequence(items)) => Ok(Some(items)),
+            Some(_) => Err(()),
+        }
+    }
+
+    fn into_object<T: DeserializeOwned>(self) -> Result<T, (String, String)> {
+        serde_path_to_error::deserialize(self)
+            .map_err(|error| (error.path().to_string(), error.inner().to_string()))
+    }
 }
 
-fn deserialize<T: DeserializeOwned>(value: Value, described: &str) -> Result<T, String> {
-    serde_path_to_error::deserialize(value).map_err(|error| {
-        let path = error.path().to_string();
-        // "." is the path of the object itself, e.g. for a missing top-level field.
-        if path == "." {
-            format!("{described}: {}", error.inner())
-        } else {
-            format!("{described}: {path}: {}", error.inner())
+/// A JSON document or list item, as its text: each object is deserialized straight from it.
+struct JsonNode<'a>(&'a RawValue);
+
+/// The fields of a JSON object that tell its kind, each as its text.
+#[derive(Deserialize)]
+struct JsonHeader<'a> {
+    #[serde(borrow, default)]
+    kind: Option<&'a RawValue>,
+    #[serde(borrow, default, rename = "apiVersion")]
+    api_version: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    metadata: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct JsonNames<'a> {
+    #[serde(borrow, default)]
+    namespace: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    name: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct JsonList<'a> {
+    #[serde(borrow, default)]
+    items: Option<&'a RawValue>,
+}
+
+/// A JSON string's value; `None` for anything else.
+fn json_string(text: &RawValue) -> Option<String> {
+    serde_json::from_str(text.get()).ok()
+}
+
+/// serde_json's message without its " at line L column C": positions within one object's text
+/// would mislead, and the path names the field.
+fn json_message(error: &serde_json::Error) -> String {
+    let message = error.to_string();
+    let position = format!(" at line {} column {}", error.line(), error.column());
+    message
+        .strip_suffix(&position)
+        .map_or(message.clone(), str::to_owned)
+}
+
+impl Node for JsonNode<'_> {
+    fn header(&self) -> Result<Option<Header>, String> {
+        let text = self.0.get().trim_start();
+        if text == "null" {
+            return Ok(None);
         }
-    })
+        if !text.starts_with('{') {
+            return Err(NOT_AN_OBJECT.to_owned());
+        }
+        let header: JsonHeader = serde_json::from_str(text).map_err(|e| json_message(&e))?;
+        let string_field = |field: Option<&RawValue>| match field {
+            None => Ok(None),
+            Some(text) => json_string(text).map(Some).ok_or(()),
+        };
+        let names = header
+            .metadata
+            .and_then(|metadata| serde_json::from_str::<JsonNames>(metadata.get()).ok());
+        let name_field = |field: Option<&RawValue>| field.and_then(json_string);
+        let (namespace, name) = names.map_or((None, None), |names| {
+            (name_field(names.namespace), name_field(names.name))
+        });
+        Ok(Some(Header {
+            kind: string_field(header.kind),
+            api_version: string_field(header.api_version),
+            qualified_name: qualified_name(namespace.as_deref(), name.as_deref()),
+        }))
+    }
+
+    fn into_items(self) -> Result<Option<Vec<Self>>, ()> {
+        let list: JsonList = serde_json::from_str(self.0.get()).map_err(|_| ())?;
+        match list.items {
+            None => Ok(None),
+            Some(items) => serde_json::from_str::<Vec<&RawValue>>(items.get())
+                .map(|items| Some(items.into_iter().map(JsonNode).collect()))
+                .map_err(|_| ()),
+        }
+    }
+
+    fn into_object<T: DeserializeOwned>(self) -> Result<T, (String, String)> {
+        let mut json = serde_json::Deserializer::from_str(self.0.get());
+        serde_path_to_error::deserialize(&mut json)
+            .map_err(|error| (error.path().to_string(), json_message(error.inner())))
+    }
 }
 
 #[cfg(test)]

@@ -96,6 +96,8 @@ impl Ledger {
     pub fn plan(&mut self, desired: &DesiredState) -> Plan {
         let changed = self.changed_services(desired);
         let (dirty, mut new_frontends) = self.update_claims(&changed, desired);
+        // A full plan compares the whole maps below: the shares need not be collected here.
+        let full = std::mem::take(&mut self.full);
 
         let mut before = MapContents::default();
         let mut after = MapContents::default();
@@ -110,7 +112,9 @@ impl Ledger {
                 for address in frontend_addresses(&previous.share) {
                     *address_changes.entry(address).or_default() -= 1;
                 }
-                before.extend(&previous.share);
+                if !full {
+                    before.extend(&previous.share);
+                }
             }
             let Some(service) = desired.services.get(name) else {
                 continue;
@@ -131,7 +135,9 @@ impl Ledger {
             for address in frontend_addresses(&share) {
                 *address_changes.entry(address).or_default() += 1;
             }
-            after.extend(&share);
+            if !full {
+                after.extend(&share);
+            }
             // A Service re-planned only because another one's claims moved asks for the same
             // frontends as before.
             let frontends = (new_frontends.remove(name))
@@ -153,7 +159,7 @@ impl Ledger {
         }
         after.backends.retain(|id, _| added.contains(id));
 
-        if std::mem::take(&mut self.full) {
+        if full {
             before = self.current.clone();
             after = MapContents::default();
             for planned in self.planned.values() {

@@ -44,14 +44,26 @@ impl Syncer {
 
     pub fn sync(&mut self, desired: &DesiredState, maps: &mut ServiceMaps) -> Result<SyncReport> {
         let plan = self.ledger.plan(desired);
-        for op in &plan.ops {
-            if let Err(err) = maps.apply(op) {
+        // Consecutive writes of one kind go to the kernel together, still in the plan's order.
+        let runs = plan
+            .ops
+            .chunk_by(|a, b| std::mem::discriminant(a) == std::mem::discriminant(b));
+        for run in runs {
+            let written = maps.apply_run(run);
+            let done = written
+                .as_ref()
+                .map_or_else(|stopped| stopped.written, |()| run.len());
+            for op in &run[..done] {
+                self.ledger.record(op);
+            }
+            if let Err(stopped) = written {
                 // The maps hold the last good state plus the writes that succeeded: the next
                 // sync compares all of them.
                 self.ledger.write_failed();
-                return Err(err.context(format!("writing {op:?} to the service maps")));
+                let op = &run[done.min(run.len() - 1)];
+                return Err(anyhow::Error::new(stopped.error)
+                    .context(format!("writing {op:?} to the service maps")));
             }
-            self.ledger.record(op);
         }
         let backend_deleted = plan
             .ops
