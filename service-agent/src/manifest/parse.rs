@@ -833,6 +833,22 @@ spec: {}
                 "examples/web.yaml: document 1 (Service default/web): spec.ports[0].port: invalid type: string \"eighty\", expected u16"
             ]
         );
+        // What is wrong is said as for YAML, without serde_json's positions within one object.
+        let reported = self::problems(
+            r#"{"apiVersion": "v1", "kind": 5}
+[1, 2]
+{"apiVersion": "v1", "kind": "ServiceList", "items": 3}
+{"apiVersion": "v1", "kind": "List", "items": [{"kind": "Service", "metadata": {"name": "x", "namespace": "ns"}}]}"#,
+        );
+        assert_eq!(
+            reported,
+            [
+                "examples/web.yaml: document 1: kind: must be a string",
+                "examples/web.yaml: document 2: expected a Kubernetes object (a mapping with apiVersion and kind)",
+                "examples/web.yaml: document 3 (ServiceList): items: must be a list",
+                "examples/web.yaml: document 4, items[0]: apiVersion: missing",
+            ]
+        );
         // Flow-style YAML is not JSON, and broken JSON is reported by the YAML parser.
         assert_eq!(
             parse(
