@@ -404,9 +404,10 @@ fn json_string(text: &RawValue) -> Option<String> {
 fn json_message(error: &serde_json::Error) -> String {
     let message = error.to_string();
     let position = format!(" at line {} column {}", error.line(), error.column());
-    message
-        .strip_suffix(&position)
-        .map_or(message.clone(), str::to_owned)
+    match message.strip_suffix(&position) {
+        Some(without) => without.to_owned(),
+        None => message,
+    }
 }
 
 impl Node for JsonNode<'_> {
