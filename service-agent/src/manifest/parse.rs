@@ -83,7 +83,7 @@ fn json_documents(text: &str) -> Option<Vec<&RawValue>> {
 
 fn read_json_document(document: &RawValue) -> Document {
     let mut read = Document::default();
-    read_object(JsonNode(document), String::new(), None, &mut read);
+    read_object(JsonNode::new(document), String::new(), None, &mut read);
     read
 }
 
@@ -186,6 +186,7 @@ fn on_every_core<T: Send, R: Send>(items: Vec<T>, work: impl Fn(T) -> R + Sync) 
 }
 
 /// A list's kind and apiVersion, which the API server leaves out of a typed list's items.
+#[derive(Clone, Copy)]
 struct ListItemType<'a> {
     kind: &'a str,
     api_version: &'a str,
@@ -241,11 +242,11 @@ fn read_object<N: Node>(
             Err(()) => Err(format!(": {name}: must be a string")),
         };
     let (kind, api_version) = match (
-        string_field("kind", header.kind, list_item_type.as_ref().map(|t| t.kind)),
+        string_field("kind", header.kind, list_item_type.map(|t| t.kind)),
         string_field(
             "apiVersion",
             header.api_version,
-            list_item_type.as_ref().map(|t| t.api_version),
+            list_item_type.map(|t| t.api_version),
         ),
     ) {
         (Ok(kind), Ok(api_version)) => (kind, api_version),
@@ -320,10 +321,6 @@ fn read_list<N: Node>(
         _ => None,
     };
     for (index, item) in items.into_iter().enumerate() {
-        let item_type = item_type.as_ref().map(|t| ListItemType {
-            kind: t.kind,
-            api_version: t.api_version,
-        });
         read_object(item, format!("{within}, items[{index}]"), item_type, read);
     }
 }
@@ -367,17 +364,32 @@ impl Node for Value {
 }
 
 /// A JSON document or list item, as its text: each object is deserialized straight from it.
-struct JsonNode<'a>(&'a RawValue);
+struct JsonNode<'a> {
+    text: &'a RawValue,
+    /// The fields that tell an object's kind, read once (a List's items are among them);
+    /// `None` when the value is no object.
+    fields: Option<Result<JsonFields<'a>, String>>,
+}
+
+impl<'a> JsonNode<'a> {
+    fn new(text: &'a RawValue) -> Self {
+        let fields = (text.get().trim_start().starts_with('{'))
+            .then(|| serde_json::from_str(text.get()).map_err(|e| json_message(&e)));
+        JsonNode { text, fields }
+    }
+}
 
 /// The fields of a JSON object that tell its kind, each as its text.
 #[derive(Deserialize)]
-struct JsonHeader<'a> {
+struct JsonFields<'a> {
     #[serde(borrow, default)]
     kind: Option<&'a RawValue>,
     #[serde(borrow, default, rename = "apiVersion")]
     api_version: Option<&'a RawValue>,
     #[serde(borrow, default)]
     metadata: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    items: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -386,12 +398,6 @@ struct JsonNames<'a> {
     namespace: Option<&'a RawValue>,
     #[serde(borrow, default)]
     name: Option<&'a RawValue>,
-}
-
-#[derive(Deserialize)]
-struct JsonList<'a> {
-    #[serde(borrow, default)]
-    items: Option<&'a RawValue>,
 }
 
 /// A JSON string's value; `None` for anything else.
@@ -412,14 +418,12 @@ fn json_message(error: &serde_json::Error) -> String {
 
 impl Node for JsonNode<'_> {
     fn header(&self) -> Result<Option<Header>, String> {
-        let text = self.0.get().trim_start();
-        if text == "null" {
-            return Ok(None);
-        }
-        if !text.starts_with('{') {
-            return Err(NOT_AN_OBJECT.to_owned());
-        }
-        let header: JsonHeader = serde_json::from_str(text).map_err(|e| json_message(&e))?;
+        let header = match &self.fields {
+            None if self.text.get().trim_start() == "null" => return Ok(None),
+            None => return Err(NOT_AN_OBJECT.to_owned()),
+            Some(Err(problem)) => return Err(problem.clone()),
+            Some(Ok(fields)) => fields,
+        };
         let string_field = |field: Option<&RawValue>| match field {
             None => Ok(None),
             Some(text) => json_string(text).map(Some).ok_or(()),
@@ -439,17 +443,19 @@ impl Node for JsonNode<'_> {
     }
 
     fn into_items(self) -> Result<Option<Vec<Self>>, ()> {
-        let list: JsonList = serde_json::from_str(self.0.get()).map_err(|_| ())?;
-        match list.items {
+        let Some(Ok(fields)) = self.fields else {
+            return Err(());
+        };
+        match fields.items {
             None => Ok(None),
             Some(items) => serde_json::from_str::<Vec<&RawValue>>(items.get())
-                .map(|items| Some(items.into_iter().map(JsonNode).collect()))
+                .map(|items| Some(items.into_iter().map(JsonNode::new).collect()))
                 .map_err(|_| ()),
         }
     }
 
     fn into_object<T: DeserializeOwned>(self) -> Result<T, (String, String)> {
-        let mut json = serde_json::Deserializer::from_str(self.0.get());
+        let mut json = serde_json::Deserializer::from_str(self.text.get());
         serde_path_to_error::deserialize(&mut json)
             .map_err(|error| (error.path().to_string(), json_message(error.inner())))
     }
