@@ -1,12 +1,22 @@
 //! Which links get which TC program: every link whose name matches one of the globs, now or
 //! later (pods come and go, and so do their host-side veths; an external link may be renamed or
 //! re-created). `--pod-interface` globs get `pod_ingress`, `--external-interface` ones
-//! `external_ingress`.
+//! `external_ingress`. The attachments are pinned links: they outlive the agent, and the next
+//! agent adopts them.
 
-use std::{collections::BTreeMap, ffi::CStr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    ffi::CStr,
+    os::fd::AsFd as _,
+};
 
 use anyhow::{Context as _, Result};
-use aya::programs::{SchedClassifier, TcAttachType, tc::SchedClassifierLinkId};
+use aya::programs::{SchedClassifier, TcAttachType, links::FdLink};
+
+use crate::dataplane::{
+    LinkPins,
+    links::{BPF_LINK_TYPE_TCX, pin_name},
+};
 
 /// Shell-style glob: `*` any run of characters, `?` one character.
 pub fn glob_matches(pattern: &str, name: &str) -> bool {
@@ -55,15 +65,15 @@ pub fn matching_links(globs: &[String]) -> Result<BTreeMap<String, u32>> {
         .collect())
 }
 
-/// Takes out of `attached` (name -> (index, attachment)) the links that are no longer `wanted`,
-/// or were re-created with another index, and returns them.
-pub fn take_vanished<T>(
-    attached: &mut BTreeMap<String, (u32, T)>,
+/// Takes out of `attached` (name -> index) the links that are no longer `wanted`, or were
+/// re-created with another index, and returns them.
+pub fn take_vanished(
+    attached: &mut BTreeMap<String, u32>,
     wanted: &BTreeMap<String, u32>,
-) -> Vec<(String, (u32, T))> {
+) -> Vec<(String, u32)> {
     let gone: Vec<String> = attached
         .iter()
-        .filter(|(name, (index, _))| wanted.get(*name) != Some(index))
+        .filter(|(name, index)| wanted.get(*name) != Some(index))
         .map(|(name, _)| name.clone())
         .collect();
     gone.into_iter()
@@ -71,13 +81,18 @@ pub fn take_vanished<T>(
         .collect()
 }
 
-/// Keeps one program attached to exactly the matching links.
+/// Keeps one program attached to exactly the matching links, each attachment a pinned TCX link
+/// (`<program>@<interface>`), so that it outlives the agent.
 pub struct LinkAttachments {
-    /// The program's name, for messages.
+    /// The program's name, for messages and pin names.
     program: &'static str,
     globs: Vec<String>,
-    /// name -> (ifindex, attachment). The index tells a re-created link from the one we attached.
-    attached: BTreeMap<String, (u32, SchedClassifierLinkId)>,
+    /// name -> ifindex of the links attached or adopted. The index tells a re-created link from
+    /// the one attached.
+    attached: BTreeMap<String, u32>,
+    /// Whether the pins of links that no longer match (or vanished while no agent ran) were
+    /// removed: done once, at the first reconcile.
+    swept: bool,
 }
 
 impl LinkAttachments {
@@ -86,6 +101,7 @@ impl LinkAttachments {
             program,
             globs,
             attached: BTreeMap::new(),
+            swept: false,
         }
     }
 
@@ -93,36 +109,52 @@ impl LinkAttachments {
         self.program
     }
 
-    /// Attaches to new matching links and forgets vanished ones (the kernel already detached
-    /// those with the link). Returns the names newly attached.
-    pub fn reconcile(&mut self, program: &mut SchedClassifier) -> Result<Vec<String>> {
+    fn pin_name(&self, interface: &str) -> String {
+        pin_name(self.program, interface)
+    }
+
+    /// Attaches to new matching links (adopting the pinned link of a previous agent there) and
+    /// removes the attachments of vanished ones. Returns the names newly attached or adopted.
+    pub fn reconcile(
+        &mut self,
+        program: &mut SchedClassifier,
+        pins: &LinkPins,
+    ) -> Result<Vec<String>> {
         let wanted = matching_links(&self.globs)?;
-        for (name, (_, link)) in take_vanished(&mut self.attached, &wanted) {
-            // Fails when the link went with its device; nothing is left to clean up then.
-            let _ = program.detach(link);
+        if !self.swept {
+            let wanted_pins: BTreeSet<String> =
+                wanted.keys().map(|name| self.pin_name(name)).collect();
+            pins.remove_unwanted(&self.pin_name(""), |name| wanted_pins.contains(name))?;
+            self.swept = true;
+        }
+        for (name, _) in take_vanished(&mut self.attached, &wanted) {
+            // The kernel detached it with its device; the pin still holds the link object.
+            pins.remove(&self.pin_name(&name))?;
             tracing::info!(interface = %name, program = self.program, "link gone, program detached");
         }
+        let program_fd = program.fd()?.try_clone()?;
         let mut added = Vec::new();
         for (name, index) in wanted {
             if self.attached.contains_key(&name) {
                 continue;
             }
-            let link = program
-                .attach(&name, TcAttachType::Ingress)
+            let how = pins
+                .ensure(
+                    &self.pin_name(&name),
+                    BPF_LINK_TYPE_TCX,
+                    u64::from(index),
+                    program_fd.as_fd(),
+                    || {
+                        let link = program.attach(&name, TcAttachType::Ingress)?;
+                        Ok(FdLink::try_from(program.take_link(link)?)?)
+                    },
+                )
                 .with_context(|| format!("attaching {} to {name}", self.program))?;
-            tracing::info!(interface = %name, program = self.program, "attached");
-            self.attached.insert(name.clone(), (index, link));
+            tracing::info!(interface = %name, program = self.program, how = ?how, "attached");
+            self.attached.insert(name.clone(), index);
             added.push(name);
         }
         Ok(added)
-    }
-
-    pub fn detach_all(&mut self, program: &mut SchedClassifier) {
-        for (name, (_, link)) in std::mem::take(&mut self.attached) {
-            if let Err(err) = program.detach(link) {
-                tracing::debug!(interface = %name, %err, "detach failed (link already gone?)");
-            }
-        }
     }
 }
 

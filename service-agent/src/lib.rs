@@ -1,6 +1,7 @@
 //! The node agent of the Service dataplane: sources -> desired model -> diff -> BPF maps.
 
 pub mod api;
+pub mod conntrack_gc;
 pub mod controlplane;
 pub mod dataplane;
 pub mod health;

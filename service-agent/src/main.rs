@@ -5,7 +5,7 @@ mod source;
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::ExitCode,
     time::SystemTime,
 };
@@ -15,9 +15,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use service_agent::{
     api::{self, Scope},
     controlplane::{ControlPlaneConfig, DEFAULT_NODE_PORT_RANGE, Ipv4Cidr, PortRange},
+    dataplane::{MapSizes, pins},
     manifest,
     xdp::XdpMode,
 };
+use service_common::ConntrackLifetimes;
 
 #[derive(Parser)]
 #[command(
@@ -35,6 +37,12 @@ enum Command {
     Run(Box<RunArgs>),
     /// Print what the running agent has programmed, as kubectl would.
     Get(GetArgs),
+    /// Detach every program and remove every pinned map and link under --pin-dir: what a
+    /// stopped agent leaves running (kube-proxy's --cleanup).
+    Cleanup {
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
     /// Validate manifests without loading anything; exits non-zero with the reasons.
     Check {
         #[arg(required = true)]
@@ -62,6 +70,12 @@ pub struct RunArgs {
     /// Watch the API server of the cluster the agent runs in, with its pod's service account.
     #[arg(long)]
     in_cluster: bool,
+    /// With --in-cluster: the API server's own address (https://HOST:PORT) instead of the
+    /// `kubernetes` Service's ClusterIP, which nothing translates until this agent has synced
+    /// (Cilium's k8sServiceHost). KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT set in the
+    /// container's env do the same.
+    #[arg(long, requires = "in_cluster")]
+    api_server: Option<String>,
     /// Also serve Services labelled service.kubernetes.io/service-proxy-name with this value
     /// (API mode; Services with another value are left to that proxy).
     #[arg(long)]
@@ -76,9 +90,33 @@ pub struct RunArgs {
     /// Where ClusterIPs without an explicit spec.clusterIP are allocated.
     #[arg(long, default_value = "10.96.0.0/12")]
     service_cidr: Ipv4Cidr,
-    /// bpffs directory for the maps; removed on SIGTERM.
-    #[arg(long, default_value = "/sys/fs/bpf/service-dataplane")]
+    /// bpffs directory where the maps and the program attachments are pinned: they outlive the
+    /// agent (SIGTERM, a crash, an upgrade), and the next agent adopts them. `service-agent
+    /// cleanup` removes them. bpffs is mounted if the directory is not on one.
+    #[arg(long, default_value = DEFAULT_PIN_DIR)]
     pin_dir: PathBuf,
+    /// Capacity of the service map (slot-0 and one entry per backend, per frontend); the
+    /// backend map gets half of it, the rev-NAT and frontend-address maps a quarter (Cilium's
+    /// bpf-lb-map-max). A change moves the node to new maps without a moment without
+    /// translation.
+    #[arg(long, default_value_t = MapSizes::DEFAULT.lb)]
+    lb_map_max: u32,
+    /// Capacity of the conntrack map (two entries per flow; an LRU: the oldest go first).
+    #[arg(long, default_value_t = MapSizes::DEFAULT.conntrack)]
+    conntrack_map_max: u32,
+    /// How long an established TCP flow may stay silent before its conntrack entries expire
+    /// (`90s`, `5m`, `6h`, or seconds).
+    #[arg(long, value_parser = parse_seconds, default_value = "6h")]
+    conntrack_tcp_timeout: u32,
+    /// The same for a TCP flow whose handshake is not complete.
+    #[arg(long, value_parser = parse_seconds, default_value = "60s")]
+    conntrack_tcp_syn_timeout: u32,
+    /// The same for a TCP flow after FIN from both sides or a RST.
+    #[arg(long, value_parser = parse_seconds, default_value = "10s")]
+    conntrack_tcp_close_timeout: u32,
+    /// The same for UDP and other flows.
+    #[arg(long, value_parser = parse_seconds, default_value = "60s")]
+    conntrack_other_timeout: u32,
     /// Where the agent keeps ClusterIP allocations across restarts.
     #[arg(long, default_value = "/var/lib/service-agent")]
     state_dir: PathBuf,
@@ -121,6 +159,54 @@ pub struct RunArgs {
     node_name: Option<String>,
 }
 
+impl RunArgs {
+    fn map_sizes(&self) -> MapSizes {
+        MapSizes {
+            lb: self.lb_map_max,
+            conntrack: self.conntrack_map_max,
+        }
+    }
+
+    fn conntrack_lifetimes(&self) -> ConntrackLifetimes {
+        ConntrackLifetimes {
+            tcp_established: self.conntrack_tcp_timeout,
+            tcp_syn: self.conntrack_tcp_syn_timeout,
+            tcp_closing: self.conntrack_tcp_close_timeout,
+            other: self.conntrack_other_timeout,
+        }
+    }
+}
+
+/// Where the agent pins maps and links unless told otherwise.
+const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/service-dataplane";
+
+/// A lifetime flag: `90s`, `5m`, `6h`, or plain seconds; at least one second.
+fn parse_seconds(text: &str) -> Result<u32, String> {
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(at) => text.split_at(at),
+        None => (text, "s"),
+    };
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        _ => {
+            return Err(format!(
+                "{text:?}: give seconds, or a number with s, m or h"
+            ));
+        }
+    };
+    let seconds = number
+        .parse::<u32>()
+        .ok()
+        .and_then(|number| number.checked_mul(scale))
+        .ok_or_else(|| format!("{text:?} is not a duration this agent can keep"))?;
+    if seconds == 0 {
+        return Err("a lifetime of 0 would expire every flow at once".into());
+    }
+    Ok(seconds)
+}
+
 #[derive(Args)]
 struct GetArgs {
     what: Resource,
@@ -160,6 +246,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run::run(*args).map(|()| ExitCode::SUCCESS),
         Command::Get(args) => get(args).map(|()| ExitCode::SUCCESS),
+        Command::Cleanup { pin_dir } => cleanup(&pin_dir).map(|()| ExitCode::SUCCESS),
         Command::Check {
             paths,
             service_cidr,
@@ -170,6 +257,17 @@ fn main() -> ExitCode {
         eprintln!("error: {err:#}");
         ExitCode::FAILURE
     })
+}
+
+fn cleanup(pin_dir: &Path) -> Result<()> {
+    let removed = pins::cleanup(pin_dir)?;
+    println!(
+        "removed {} pinned link(s) and the map layout(s) [{}] under {}",
+        removed.links,
+        removed.layouts.join(", "),
+        pin_dir.display()
+    );
+    Ok(())
 }
 
 fn get(args: GetArgs) -> Result<()> {

@@ -1,18 +1,28 @@
 //! `service-agent run`: load, attach, then keep the maps in step with the manifests or the API
 //! server.
 
-use std::{fs, path::Path, sync::Arc, time::Duration};
+use std::{
+    fs,
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, Result, bail};
+use aya::maps::IterableMap as _;
 use service_agent::{
     api,
+    conntrack_gc::ConntrackCollector,
     controlplane::PortRange,
-    dataplane::{Dataplane, EXTERNAL_INGRESS_PROGRAM, POD_INGRESS_PROGRAM, SocketLbScope},
+    dataplane::{
+        Dataplane, EXTERNAL_INGRESS_PROGRAM, MapsOrigin, POD_INGRESS_PROGRAM, SocketLbScope,
+    },
     health,
     interfaces::LinkAttachments,
     model::{DesiredState, Node},
     service_health::ServiceHealthServers,
-    socket_hooks::SocketHooks,
+    socket_hooks,
     sync::Syncer,
     xdp::XdpAttachments,
 };
@@ -25,7 +35,7 @@ use tracing_subscriber::EnvFilter;
 
 use crate::{
     RunArgs,
-    source::{self, Source},
+    source::{self, Refresh, Source},
 };
 
 /// How often manifests and links are looked at, besides the inotify wake-ups on manifest changes.
@@ -55,6 +65,7 @@ async fn serve(args: RunArgs) -> Result<()> {
         node_name = ?args.node_name,
         cgroup = ?args.cgroup,
         socket_lb_host_only = args.socket_lb_host_only,
+        lifetimes = ?args.conntrack_lifetimes(),
         "node settings"
     );
 
@@ -64,20 +75,12 @@ async fn serve(args: RunArgs) -> Result<()> {
         );
     }
     check_snat_ports(&args)?;
-    let mut dataplane = Dataplane::load(Some(&args.pin_dir))?;
-    tracing::info!(pin_dir = %args.pin_dir.display(), "dataplane loaded");
-    let result = sync_until_signal(&args, &mut dataplane, &mut terminate, &mut interrupt).await;
-    dataplane.remove_pins()?;
-    tracing::info!("programs detached and pins removed");
-    result
-}
-
-async fn sync_until_signal(
-    args: &RunArgs,
-    dataplane: &mut Dataplane,
-    terminate: &mut tokio::signal::unix::Signal,
-    interrupt: &mut tokio::signal::unix::Signal,
-) -> Result<()> {
+    if let Some(cgroup) = &args.cgroup {
+        socket_hooks::check_cgroup(cgroup)?;
+    }
+    // From here on nothing removes what a previous agent left: an error exits and leaves the
+    // datapath as it is, as SIGTERM does (`service-agent cleanup` is the one way to remove it).
+    let (mut dataplane, origin) = Dataplane::load_pinned(&args.pin_dir, args.map_sizes())?;
     let api_mode = args.kubeconfig.is_some() || args.in_cluster;
     let node = Node {
         ips: args.node_ips.clone(),
@@ -92,34 +95,114 @@ async fn sync_until_signal(
     } else {
         SocketLbScope::NodeAndPods
     };
-    dataplane.maps.set_node(&node, socket_lb)?;
-    // After set_node: the programs serve only sockets of the namespace it records.
-    let socket_hooks = args
-        .cgroup
-        .as_deref()
-        .map(|cgroup| SocketHooks::attach(dataplane, cgroup))
-        .transpose()?;
-    let result = serve_until_signal(args, dataplane, node, terminate, interrupt).await;
-    if let Some(hooks) = socket_hooks {
-        hooks.detach(dataplane);
-    }
+    // Before any link runs this agent's programs: they serve only sockets of the namespace it
+    // records, and age flows by its lifetimes.
+    dataplane
+        .maps
+        .set_node(&node, socket_lb, args.conntrack_lifetimes())?;
+    let result = serve_until_signal(
+        &args,
+        &mut dataplane,
+        node,
+        origin,
+        &mut terminate,
+        &mut interrupt,
+    )
+    .await;
+    tracing::info!(
+        "exiting: the datapath keeps running as it is (`service-agent cleanup` removes it)"
+    );
     result
+}
+
+/// The program attachments, made (or adopted from a previous agent) once the maps serve what
+/// the node should: at once when they were reused or copied from an older layout, else after
+/// the first sync, so that a link never runs a program whose maps are still empty.
+struct Attachments {
+    pods: LinkAttachments,
+    external: LinkAttachments,
+    xdp: XdpAttachments,
+    cgroup: Option<PathBuf>,
+    maps_serve: bool,
+    hooks_attached: bool,
+    old_layouts_retired: bool,
+}
+
+impl Attachments {
+    fn new(args: &RunArgs, origin: &MapsOrigin) -> Self {
+        Self {
+            pods: LinkAttachments::new(POD_INGRESS_PROGRAM, args.pod_interfaces.clone()),
+            external: LinkAttachments::new(
+                EXTERNAL_INGRESS_PROGRAM,
+                args.external_interfaces.clone(),
+            ),
+            xdp: XdpAttachments::new(args.xdp_mode, args.external_interfaces.clone()),
+            cgroup: args.cgroup.clone(),
+            maps_serve: origin.serves(),
+            hooks_attached: false,
+            old_layouts_retired: false,
+        }
+    }
+
+    /// Attaches to new links and forgets vanished ones. Errors on one link are logged and
+    /// retried on the next tick; failing to attach the socket hooks is fatal (a wrong --cgroup).
+    fn reconcile(&mut self, dataplane: &mut Dataplane, proc_sys_net: &Path) -> Result<()> {
+        if !self.maps_serve {
+            return Ok(());
+        }
+        let mut complete = true;
+        for links in [&mut self.pods, &mut self.external] {
+            if let Err(err) = attach_new_links(links, dataplane, proc_sys_net) {
+                tracing::error!("{err:#}");
+                complete = false;
+            }
+        }
+        let pins = dataplane.link_pins().context("a pinned dataplane")?;
+        let (program, egress) = dataplane.xdp_program();
+        if let Err(err) = self.xdp.reconcile(program, egress, &pins) {
+            tracing::error!("{err:#}");
+            complete = false;
+        }
+        if !self.hooks_attached {
+            match &self.cgroup {
+                Some(cgroup) => socket_hooks::attach(dataplane, cgroup)?,
+                None => socket_hooks::detach_pinned(&pins)?,
+            }
+            self.hooks_attached = true;
+        }
+        if complete && !self.old_layouts_retired {
+            // Every link runs this agent's programs now: the old maps can go.
+            if let Err(err) = dataplane.retire_old_layouts() {
+                tracing::error!("removing the old map layout: {err:#}");
+            }
+            self.old_layouts_retired = true;
+        }
+        Ok(())
+    }
+}
+
+/// How long a failed sync waits before it is tried again: doubling from the first to the last.
+const RETRY_FIRST: Duration = Duration::from_millis(500);
+const RETRY_LAST: Duration = Duration::from_secs(30);
+
+/// A desired state the maps do not hold yet because its sync failed, and when to try again.
+struct PendingSync {
+    refresh: Refresh,
+    retry_at: Instant,
+    backoff: Duration,
 }
 
 async fn serve_until_signal(
     args: &RunArgs,
     dataplane: &mut Dataplane,
     node: Node,
+    origin: MapsOrigin,
     terminate: &mut tokio::signal::unix::Signal,
     interrupt: &mut tokio::signal::unix::Signal,
 ) -> Result<()> {
     let node_name = node.name.clone();
     let mut syncer = Syncer::new(&dataplane.maps, node)?;
-    let mut links = [
-        LinkAttachments::new(POD_INGRESS_PROGRAM, args.pod_interfaces.clone()),
-        LinkAttachments::new(EXTERNAL_INGRESS_PROGRAM, args.external_interfaces.clone()),
-    ];
-    let mut xdp = XdpAttachments::new(args.xdp_mode, args.external_interfaces.clone());
+    let mut attachments = Attachments::new(args, &origin);
     let mut source = Source::new(args).await?;
     let (published, state) = watch::channel(Arc::new(DesiredState::default()));
     let mut service_health = ServiceHealthServers::new(node_name, published.subscribe());
@@ -130,10 +213,15 @@ async fn serve_until_signal(
     }
     let _api = api::serve(&args.api_socket, state)?;
     let mut ticks = tokio::time::interval(POLL_INTERVAL);
-    let result = loop {
+    let mut pending: Option<PendingSync> = None;
+    let mut last_failure: Option<String> = None;
+    let mut collector = ConntrackCollector::new(args.conntrack_lifetimes(), args.conntrack_map_max);
+    // At once: maps pinned across a restart may hold flows long dead.
+    let mut next_collection = Instant::now();
+    loop {
         tokio::select! {
-            _ = terminate.recv() => break Ok(()),
-            _ = interrupt.recv() => break Ok(()),
+            _ = terminate.recv() => return Ok(()),
+            _ = interrupt.recv() => return Ok(()),
             _ = ticks.tick() => {}
             changed = source.changed() => {
                 if let Err(err) = changed {
@@ -141,20 +229,21 @@ async fn serve_until_signal(
                 }
             }
         }
-        for links in &mut links {
-            if let Err(err) = attach_new_links(links, dataplane, &args.proc_sys_net) {
-                tracing::error!("{err:#}");
-            }
+        attachments.reconcile(dataplane, &args.proc_sys_net)?;
+        if next_collection <= Instant::now() {
+            collect_conntrack(&mut collector, dataplane);
+            next_collection = Instant::now() + collector.interval();
         }
-        let (program, egress) = dataplane.xdp_program();
-        if let Err(err) = xdp.reconcile(program, egress) {
-            tracing::error!("{err:#}");
-        }
-        let started = std::time::Instant::now();
-        let refresh = match source.refresh() {
-            Ok(Some(refresh)) => refresh,
-            Ok(None) => continue,
-            Err(err) => break Err(err),
+        let started = Instant::now();
+        let (refresh, backoff) = match source.refresh()? {
+            Some(refresh) => (refresh, RETRY_FIRST),
+            None => match pending.take() {
+                Some(due) if due.retry_at <= started => (due.refresh, due.backoff),
+                not_due => {
+                    pending = not_due;
+                    continue;
+                }
+            },
         };
         let read = started.elapsed();
         match syncer.sync(&refresh.state, &mut dataplane.maps) {
@@ -168,21 +257,66 @@ async fn serve_until_signal(
                     sync_ms = (started.elapsed() - read).as_millis(),
                     "synced"
                 );
+                if report.already_deleted > 0 {
+                    tracing::warn!(
+                        entries = report.already_deleted,
+                        "map entries to delete were gone already (evicted, or removed by another \
+                         process): the maps are re-read at the next sync"
+                    );
+                }
+                if last_failure.take().is_some() {
+                    tracing::info!("the maps hold the desired state again");
+                }
                 published.send_replace(Arc::new(refresh.state));
                 service_health.reconcile(&published.borrow());
                 synced.send_replace(true);
+                if !attachments.maps_serve {
+                    attachments.maps_serve = true;
+                    attachments.reconcile(dataplane, &args.proc_sys_net)?;
+                }
             }
-            // The maps hold the last good state plus whatever writes succeeded; the next change
-            // retries from what the syncer knows was written.
-            Err(err) => tracing::error!("sync failed: {err:#}"),
+            // The maps hold the last good state plus whatever writes succeeded, and serve it;
+            // the same state is tried again after the backoff unless a newer one comes first.
+            // A failure is logged once, and again only when it changes (a full map would
+            // otherwise say the same every few seconds).
+            Err(err) => {
+                let message = err.to_string();
+                if last_failure.as_deref() == Some(message.as_str()) {
+                    tracing::debug!(
+                        retry_in_ms = backoff.as_millis(),
+                        "sync failed again: {message}"
+                    );
+                } else {
+                    tracing::error!(retry_in_ms = backoff.as_millis(), "sync failed: {message}");
+                    last_failure = Some(message);
+                }
+                pending = Some(PendingSync {
+                    refresh,
+                    retry_at: Instant::now() + backoff,
+                    backoff: (backoff * 2).min(RETRY_LAST),
+                });
+            }
         }
-    };
-    for links in &mut links {
-        links.detach_all(dataplane.tc_program(links.program()));
     }
-    let (program, egress) = dataplane.xdp_program();
-    xdp.detach_all(program, egress);
-    result
+}
+
+/// One run of the conntrack collector, logged with its figures. It runs on the loop (a full
+/// table of 262,144 entries takes about 60 ms): a failed run is logged and retried at the next
+/// interval.
+fn collect_conntrack(collector: &mut ConntrackCollector, dataplane: &Dataplane) {
+    match collector.collect(dataplane.maps.conntrack.map().fd().as_fd()) {
+        Ok(report) => tracing::info!(
+            scanned = report.scanned,
+            deleted = report.deleted,
+            took_ms = report.took.as_millis(),
+            next_run_s = report.next_interval.as_secs(),
+            "conntrack collected"
+        ),
+        Err(err) => tracing::warn!(
+            retry_in_s = collector.interval().as_secs(),
+            "collecting expired conntrack entries: {err}"
+        ),
+    }
 }
 
 /// SNATed flows get source ports in SNAT_PORT_FIRST.. (see service-common): a backend's reply to
@@ -225,7 +359,8 @@ fn attach_new_links(
     dataplane: &mut Dataplane,
     proc_sys_net: &Path,
 ) -> Result<()> {
-    for name in links.reconcile(dataplane.tc_program(links.program()))? {
+    let pins = dataplane.link_pins().context("a pinned dataplane")?;
+    for name in links.reconcile(dataplane.tc_program(links.program()), &pins)? {
         // Replies leave the backend's link with the service IP as source, for which the node
         // has no route back through that link: reverse-path filtering would drop them.
         // The effective value is max(all, link), so both must be 0 (Cilium does the same).

@@ -31,7 +31,9 @@ impl Source {
         // clap lets at most one of --kubeconfig, --in-cluster and --manifests through.
         let api_server = match &args.kubeconfig {
             Some(path) => Some(ApiServer::Kubeconfig(path.clone())),
-            None => args.in_cluster.then_some(ApiServer::InCluster),
+            None => args.in_cluster.then(|| ApiServer::InCluster {
+                server: args.api_server.clone(),
+            }),
         };
         if let Some(api_server) = api_server {
             let client = api_server.client().await?;
@@ -48,7 +50,8 @@ impl Source {
                 node_port_range: args.node_port_range,
             },
         )?;
-        let events = ManifestEvents::watch(&args.manifests)
+        let events = source
+            .watch()
             .inspect_err(|err| tracing::warn!("{err:#}; changes are seen by polling only"))
             .ok();
         Ok(Source::Manifests { source, events })

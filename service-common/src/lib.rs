@@ -22,11 +22,26 @@ pub const CONNTRACK_V4_MAP: &str = "CONNTRACK_V4";
 pub const NODE_V4_MAP: &str = "NODE_V4";
 pub const SOCKET_REV_NAT_V4_MAP: &str = "SOCKET_REV_NAT_V4";
 pub const XDP_EGRESS_MAP: &str = "XDP_EGRESS";
+pub const ID_WATERMARKS_MAP: &str = "ID_WATERMARKS";
+
+/// Every map of the object, all pinned under the layout directory: whatever the datapath reads
+/// must outlive the agent.
+pub const ALL_MAPS: [&str; 9] = [
+    SERVICES_V4_MAP,
+    FRONTEND_ADDRESSES_V4_MAP,
+    BACKENDS_V4_MAP,
+    REV_NAT_V4_MAP,
+    CONNTRACK_V4_MAP,
+    NODE_V4_MAP,
+    SOCKET_REV_NAT_V4_MAP,
+    XDP_EGRESS_MAP,
+    ID_WATERMARKS_MAP,
+];
 
 /// The subdirectory of the agent's pin directory that holds its maps, named after their layout:
 /// aya does not check a reused pin's key or value size, so a layout change moves to a new
 /// directory rather than reuse old maps. Bump it whenever a pinned map's types change.
-pub const PIN_LAYOUT: &str = "v5";
+pub const PIN_LAYOUT: &str = "v6";
 
 /// Capacities: 100,000 service ports with 4 slots on average (slot 0 and 3 backends), as many
 /// distinct backends as a 100,000-pod cluster has, one rev-NAT entry per service port.
@@ -41,6 +56,13 @@ pub const CONNTRACK_V4_MAX_ENTRIES: u32 = 262_144;
 pub const SOCKET_REV_NAT_V4_MAX_ENTRIES: u32 = 131_072;
 /// The links the XDP program may send translated packets out of: the external links it runs on.
 pub const XDP_EGRESS_MAX_ENTRIES: u32 = 64;
+
+/// `ID_WATERMARKS` (an array no program reads): the agent's next backend id and next rev-NAT id,
+/// kept beside the maps whose entries name them, so that an id is never handed out twice while a
+/// conntrack entry may still name it, across agent restarts too.
+pub const ID_WATERMARK_BACKEND: u32 = 0;
+pub const ID_WATERMARK_REV_NAT: u32 = 1;
+pub const ID_WATERMARKS_MAX_ENTRIES: u32 = 2;
 
 /// Key of `SERVICES_V4`: one frontend (virtual IP, port, protocol) and a slot.
 ///
@@ -134,6 +156,14 @@ pub struct ConntrackKeyV4 {
 
 /// Value of `CONNTRACK_V4`: which backend a flow was given, which frontend it was for, and for
 /// flows whose source is translated too ([`CT_SNAT`]) the other half of that translation.
+///
+/// Both entries of a flow carry its state: every packet in either direction refreshes
+/// `last_seen` and the TCP flags of both (the forward entry is looked up on the way back, the
+/// reverse entry on the way out), and an entry rebuilt from the other takes its state, so either
+/// entry alone tells whether the flow is alive ([`conntrack_expired`]): the packet path, the SNAT
+/// port allocator and the agent's collector all judge it by the same rule. The packet path
+/// treats an expired entry as absent (a client's packet is balanced afresh, a reply passes
+/// untranslated, an ICMP error about the flow too); the collector deletes it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConntrackEntryV4 {
@@ -144,49 +174,113 @@ pub struct ConntrackEntryV4 {
     /// port, which replies get back as destination.
     pub nat_address: u32,
     pub nat_port: u16,
+    /// `CT_*` flags.
     pub flags: u16,
-    /// In a reverse entry: when the flow last carried a packet, in whole seconds of the kernel's
-    /// monotonic clock (`bpf_ktime_get_coarse_ns`). A SNATed flow idle for longer than its
-    /// protocol's [`snat_idle_limit`] gives its source port up to a new flow.
+    /// When the flow last carried a packet, in whole seconds of the kernel's monotonic clock
+    /// (`bpf_ktime_get_coarse_ns`, which is CLOCK_MONOTONIC_COARSE: the agent reads the same
+    /// clock). Written at most once a second.
     pub last_seen: u32,
 }
 
-/// How long a SNATed flow may stay silent before its source port may go to another: Cilium's
-/// conntrack lifetimes (6 h for TCP, 60 s for the rest). Without a limit, flows nobody closes
-/// (UDP, vanished TCP peers) would hold their ports until LRU pressure, which a table sized
-/// well above the port range never applies.
-pub const fn snat_idle_limit(protocol: u8) -> u32 {
-    if protocol == IPPROTO_TCP { 21_600 } else { 60 }
+/// How long a flow may stay silent before its entries expire, by protocol and TCP state, in
+/// seconds: Cilium's conntrack lifetimes by default. Written by the agent into [`NodeV4`] (its
+/// `--conntrack-*-timeout` flags); a zero field means the default.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConntrackLifetimes {
+    /// TCP after the handshake (a packet without SYN was seen): 6 h.
+    pub tcp_established: u32,
+    /// TCP before the handshake completes (only SYNs so far): 60 s.
+    pub tcp_syn: u32,
+    /// TCP after FIN from both sides, or a RST: 10 s.
+    pub tcp_closing: u32,
+    /// UDP and anything else: 60 s.
+    pub other: u32,
+}
+
+impl ConntrackLifetimes {
+    pub const DEFAULT: Self = Self {
+        tcp_established: 21_600,
+        tcp_syn: 60,
+        tcp_closing: 10,
+        other: 60,
+    };
+
+    /// The lifetime of a flow of `protocol` whose entry has `flags`. A zero field (an agent that
+    /// did not write it) counts as its default.
+    pub const fn of(&self, protocol: u8, flags: u16) -> u32 {
+        let (set, default) = if protocol != IPPROTO_TCP {
+            (self.other, Self::DEFAULT.other)
+        } else if flow_closed(flags) {
+            (self.tcp_closing, Self::DEFAULT.tcp_closing)
+        } else if flags & CT_SEEN_NON_SYN != 0 {
+            (self.tcp_established, Self::DEFAULT.tcp_established)
+        } else {
+            (self.tcp_syn, Self::DEFAULT.tcp_syn)
+        };
+        if set == 0 { default } else { set }
+    }
+}
+
+impl Default for ConntrackLifetimes {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+/// Whether `entry` (of a flow of `protocol`) has outlived its lifetime at `now` (seconds, as
+/// [`ConntrackEntryV4::last_seen`]). The age is signed: another CPU may have written a
+/// `last_seen` a second ahead of our clock reading, which must count as fresh, not as four
+/// billion seconds old.
+pub const fn conntrack_expired(
+    entry: &ConntrackEntryV4,
+    protocol: u8,
+    now: u32,
+    lifetimes: &ConntrackLifetimes,
+) -> bool {
+    let idle = now.wrapping_sub(entry.last_seen) as i32;
+    idle > lifetimes.of(protocol, entry.flags) as i32
 }
 
 /// How long a closed flow keeps its SNAT port: both FINs seen does not mean the last ACK arrived
 /// (a new SYN to a backend socket still in LAST_ACK would be answered with a challenge ACK), and
 /// a late retransmission should still find its translation. One second covers a round trip
-/// many times over while still letting ports turn over at a high connection rate.
+/// many times over while still letting ports turn over at a high connection rate; the closed
+/// flow's entries themselves live on until their closing lifetime.
 pub const CLOSED_FLOW_LINGER_SECONDS: i32 = 1;
 
-/// Whether the flow whose reverse entry is `holder` has given its SNAT port up at `now`
-/// (seconds, as [`ConntrackEntryV4::last_seen`]): its TCP connection closed a little while ago,
-/// or it was idle too long. The age is signed: another CPU may have written a `last_seen` a
-/// second ahead of our clock reading, which must count as fresh, not as four billion seconds old.
-pub const fn snat_port_reusable(holder: &ConntrackEntryV4, protocol: u8, now: u32) -> bool {
+/// Whether the flow whose reverse entry is `holder` has given its SNAT port up at `now`: its TCP
+/// connection closed a little while ago, or it expired.
+pub const fn snat_port_reusable(
+    holder: &ConntrackEntryV4,
+    protocol: u8,
+    now: u32,
+    lifetimes: &ConntrackLifetimes,
+) -> bool {
     let idle = now.wrapping_sub(holder.last_seen) as i32;
     (flow_closed(holder.flags) && idle > CLOSED_FLOW_LINGER_SECONDS)
-        || idle > snat_idle_limit(protocol) as i32
+        || conntrack_expired(holder, protocol, now, lifetimes)
 }
 
 /// The flow's source is translated as well as its destination (see [`ConntrackEntryV4`]).
 pub const CT_SNAT: u16 = 1 << 0;
-/// Set in a flow's reverse entry when the client sent a TCP FIN, the backend sent one, or either
-/// sent a RST (and cleared by a new SYN of the same flow, which reopens it): a SNATed flow whose
-/// TCP connection closed gives its source port back soon
-/// (netfilter's NAT reuses the tuples of connections in TIME_WAIT and CLOSE the same way), which
-/// a new connection rate far above ports / LRU lifetime needs.
+/// Set when the client sent a TCP FIN, the backend sent one, or either sent a RST: a flow whose
+/// TCP connection closed (both FINs, or a RST) lives [`ConntrackLifetimes::tcp_closing`] longer,
+/// gives its SNAT port back after [`CLOSED_FLOW_LINGER_SECONDS`] (netfilter's NAT reuses the
+/// tuples of connections in TIME_WAIT and CLOSE the same way), a new SYN on its tuple is a
+/// new connection, balanced afresh, and a SYN-ACK on its tuple belongs to a connection the node
+/// did not balance (one to the backend's pod IP): it is not translated, and the reverse entry
+/// is deleted.
 pub const CT_FIN_FROM_CLIENT: u16 = 1 << 1;
 pub const CT_FIN_FROM_BACKEND: u16 = 1 << 2;
 pub const CT_RESET: u16 = 1 << 3;
+/// A TCP packet without SYN was seen (or started the flow, picked up mid-connection): the
+/// handshake is over, the flow gets the established lifetime (Cilium's `seen_non_syn`), and a
+/// bare SYN on its tuple is a new connection (the old one ended unseen), balanced afresh. Before
+/// it, a SYN is a retransmission and keeps the flow's backend.
+pub const CT_SEEN_NON_SYN: u16 = 1 << 4;
 
-/// Whether a flow's reverse entry says its TCP connection is over (both FINs, or a RST).
+/// Whether a flow's entry says its TCP connection is over (both FINs, or a RST).
 pub const fn flow_closed(flags: u16) -> bool {
     flags & CT_RESET != 0
         || flags & (CT_FIN_FROM_CLIENT | CT_FIN_FROM_BACKEND)
@@ -224,6 +318,8 @@ pub struct NodeV4 {
     /// [`NODE_SOCKET_LB_PODS`] or 0.
     pub flags: u32,
     pub _pad: u32,
+    /// How long conntrack entries live.
+    pub lifetimes: ConntrackLifetimes,
 }
 
 /// The socket hooks also balance the TCP connections of other network namespaces' sockets (pods
@@ -270,7 +366,8 @@ const _: () = {
     assert!(size_of::<RevNatV4>() == 8 && align_of::<RevNatV4>() == 4);
     assert!(size_of::<ConntrackKeyV4>() == 16 && align_of::<ConntrackKeyV4>() == 4);
     assert!(size_of::<ConntrackEntryV4>() == 20 && align_of::<ConntrackEntryV4>() == 4);
-    assert!(size_of::<NodeV4>() == 24 && align_of::<NodeV4>() == 8);
+    assert!(size_of::<ConntrackLifetimes>() == 16 && align_of::<ConntrackLifetimes>() == 4);
+    assert!(size_of::<NodeV4>() == 40 && align_of::<NodeV4>() == 8);
     assert!(size_of::<SocketRevNatKeyV4>() == 16 && align_of::<SocketRevNatKeyV4>() == 8);
     assert!(size_of::<SocketRevNatV4>() == 12 && align_of::<SocketRevNatV4>() == 4);
 };
@@ -287,6 +384,7 @@ mod pod {
     unsafe impl aya::Pod for ConntrackKeyV4 {}
     unsafe impl aya::Pod for ConntrackEntryV4 {}
     unsafe impl aya::Pod for NodeV4 {}
+    unsafe impl aya::Pod for ConntrackLifetimes {}
     unsafe impl aya::Pod for SocketRevNatKeyV4 {}
     unsafe impl aya::Pod for SocketRevNatV4 {}
 }

@@ -5,6 +5,9 @@
 //! an error quoting the backend's address (a refused UDP flow times out instead of failing, path
 //! MTU discovery breaks), and a backend would never hear of errors about its replies.
 //!
+//! An error about a flow whose entries expired is not translated: the packet path would not
+//! translate the flow's packets either.
+//!
 //! Two directions:
 //! - towards the client: the error quotes what this node sent to the backend (client or SNAT
 //!   address -> backend), found through the flow's reverse entry;
@@ -21,10 +24,14 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use network_types::eth::EtherType;
-use service_common::{CT_FORWARD, CT_REVERSE, CT_SNAT, ConntrackKeyV4, IPPROTO_TCP, IPPROTO_UDP};
+use service_common::{
+    CT_FORWARD, CT_REVERSE, CT_SNAT, ConntrackEntryV4, ConntrackKeyV4, IPPROTO_TCP, IPPROTO_UDP,
+    conntrack_expired,
+};
 
 use crate::{
     checksum::{Delta, address, half},
+    conntrack,
     maps::{BACKENDS_V4, CONNTRACK_V4, REV_NAT_V4},
     packet::IPV4_OFFSET,
 };
@@ -148,8 +155,12 @@ fn lookup(error: &IcmpError) -> Option<Translation> {
         direction: CT_REVERSE,
         _pad: 0,
     };
+    // An entry of an expired flow is as good as absent: the packet path no longer applies it.
+    let now = conntrack::now_seconds();
+    let lifetimes = conntrack::lifetimes();
+    let live = |entry: &&ConntrackEntryV4| !conntrack_expired(entry, key.protocol, now, &lifetimes);
     // SAFETY: map values are plain data; a concurrent update can at worst give a stale value.
-    if let Some(entry) = unsafe { CONNTRACK_V4.get(key) }.copied() {
+    if let Some(entry) = unsafe { CONNTRACK_V4.get(key) }.filter(live).copied() {
         // Towards the client: the quote was sent to the backend; it must show the frontend.
         let frontend = unsafe { REV_NAT_V4.get(entry.rev_nat_id) }?;
         let mut translation = Translation {
@@ -165,7 +176,7 @@ fn lookup(error: &IcmpError) -> Option<Translation> {
         return Some(translation);
     }
     key.direction = CT_FORWARD;
-    let entry = unsafe { CONNTRACK_V4.get(key) }.copied()?;
+    let entry = unsafe { CONNTRACK_V4.get(key) }.filter(live).copied()?;
     // Towards the backend: the quote came from the frontend; it must show the backend.
     let backend = unsafe { BACKENDS_V4.get(entry.backend_id) }?;
     let mut translation = Translation {

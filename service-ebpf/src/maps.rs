@@ -6,8 +6,8 @@ use aya_ebpf::{
 };
 use service_common::{
     BACKENDS_V4_MAX_ENTRIES, BackendV4, CONNTRACK_V4_MAX_ENTRIES, ConntrackEntryV4, ConntrackKeyV4,
-    FRONTEND_ADDRESSES_V4_MAX_ENTRIES, NodeV4, REV_NAT_V4_MAX_ENTRIES, RevNatV4,
-    SERVICES_V4_MAX_ENTRIES, SOCKET_REV_NAT_V4_MAX_ENTRIES, ServiceEntry, ServiceKeyV4,
+    FRONTEND_ADDRESSES_V4_MAX_ENTRIES, ID_WATERMARKS_MAX_ENTRIES, NodeV4, REV_NAT_V4_MAX_ENTRIES,
+    RevNatV4, SERVICES_V4_MAX_ENTRIES, SOCKET_REV_NAT_V4_MAX_ENTRIES, ServiceEntry, ServiceKeyV4,
     SocketRevNatKeyV4, SocketRevNatV4, XDP_EGRESS_MAX_ENTRIES,
 };
 
@@ -55,3 +55,9 @@ pub static SOCKET_REV_NAT_V4: LruHashMap<SocketRevNatKeyV4, SocketRevNatV4> =
 /// attached XDP to). A translated packet routed out of any other link is passed to the stack.
 #[map]
 pub static XDP_EGRESS: DevMapHash = DevMapHash::with_max_entries(XDP_EGRESS_MAX_ENTRIES, 0);
+
+/// The agent's id high-water marks (see `service_common::ID_WATERMARK_BACKEND`). No program
+/// reads it: it is here so that the loader creates and pins it beside the maps whose entries
+/// name the ids, and it lives exactly as long as they do.
+#[map]
+pub static ID_WATERMARKS: Array<u32> = Array::with_max_entries(ID_WATERMARKS_MAX_ENTRIES, 0);

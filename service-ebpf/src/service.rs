@@ -7,9 +7,10 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use service_common::{
-    BackendV4, CT_FORWARD, CT_SNAT, ConntrackEntryV4, ConntrackKeyV4, HAIRPIN_ADDRESS,
-    SCOPE_DEFAULT, SERVICE_LOCAL, SERVICE_REMOTE_ENDPOINTS_ONLY, SNAT_PORT_COUNT, SNAT_PORT_FIRST,
-    ServiceEntry, ServiceKeyV4, snat_port_reusable,
+    BackendV4, CT_FIN_FROM_CLIENT, CT_FORWARD, CT_SNAT, ConntrackEntryV4, ConntrackKeyV4,
+    ConntrackLifetimes, HAIRPIN_ADDRESS, NodeV4, SCOPE_DEFAULT, SERVICE_LOCAL,
+    SERVICE_REMOTE_ENDPOINTS_ONLY, SNAT_PORT_COUNT, SNAT_PORT_FIRST, ServiceEntry, ServiceKeyV4,
+    snat_port_reusable,
 };
 
 use crate::{
@@ -71,9 +72,13 @@ pub fn decide(
     service: &ServiceEntry,
 ) -> Decision {
     let forward_key = conntrack::key_of(flow, CT_FORWARD);
-    match tracked_flow(flow, &forward_key) {
+    // Read once: the lifetimes judge a tracked flow, the SNAT address serves a new one.
+    let node = NODE_V4.get(0);
+    let lifetimes = node.map_or(ConntrackLifetimes::DEFAULT, |node| node.lifetimes);
+    let now = conntrack::now_seconds();
+    match tracked_flow(flow, &forward_key, now, &lifetimes) {
         Some((backend, entry)) => Decision::To(backend, entry),
-        None => new_flow(flow, origin, frontend, service, &forward_key),
+        None => new_flow(flow, origin, frontend, service, &forward_key, node, now),
     }
 }
 
@@ -102,21 +107,33 @@ pub fn to_frontend(
     TC_ACT_OK
 }
 
-/// The backend and entry of the flow `forward_key` tracks, if it may go on. A flow whose backend
-/// was removed is forgotten and re-balanced rather than sent to a dead address: this is what
-/// keeps UDP flows alive across a server pod's restart (kube-proxy's stale conntrack). So is one
-/// whose SNAT port went to another flow while its reverse entry was evicted.
+/// The backend and entry of the flow `forward_key` tracks, if it may go on, with `flow` recorded
+/// in both its entries. Otherwise the forward entry is forgotten, and `flow` balanced as a new
+/// flow:
+/// - the flow expired, or a bare SYN reuses its tuple for a new connection
+///   ([`conntrack::starts_anew`]). Its reverse entry is left to its own lifetime: a closed
+///   flow's keeps its SNAT port from reuse for a moment (`CLOSED_FLOW_LINGER_SECONDS`);
+/// - its backend was removed: re-balanced rather than sent to a dead address, this is what
+///   keeps UDP flows alive across a server pod's restart (kube-proxy's stale conntrack);
+/// - its SNAT port went to another flow while its reverse entry was evicted.
 #[inline(always)]
 fn tracked_flow(
     flow: &Ipv4Flow,
     forward_key: &ConntrackKeyV4,
+    now: u32,
+    lifetimes: &ConntrackLifetimes,
 ) -> Option<(BackendV4, ConntrackEntryV4)> {
-    // SAFETY: map values are plain data; a concurrent update can at worst give a stale value.
-    let entry = *unsafe { CONNTRACK_V4.get(forward_key) }?;
-    if let Some(backend) = unsafe { BACKENDS_V4.get(entry.backend_id) }
-        && conntrack::restore_reverse(flow, backend, &entry)
-    {
-        return Some((*backend, entry));
+    // SAFETY: a map value; a concurrent update can at worst give a stale value.
+    let forward = unsafe { &mut *CONNTRACK_V4.get_ptr_mut(forward_key)? };
+    if !conntrack::starts_anew(forward, flow, now, lifetimes) {
+        conntrack::note(forward, now, conntrack::flags_of(flow, CT_FIN_FROM_CLIENT));
+        let entry = *forward;
+        // SAFETY: as above.
+        if let Some(backend) = unsafe { BACKENDS_V4.get(entry.backend_id) }
+            && conntrack::restore_reverse(flow, backend, &entry, now)
+        {
+            return Some((*backend, entry));
+        }
     }
     let _ = CONNTRACK_V4.remove(forward_key);
     None
@@ -129,6 +146,8 @@ fn new_flow(
     frontend: &ServiceKeyV4,
     service: &ServiceEntry,
     forward_key: &ConntrackKeyV4,
+    node: Option<&'static NodeV4>,
+    now: u32,
 ) -> Decision {
     if service.count == 0 {
         return if service.flags & SERVICE_REMOTE_ENDPOINTS_ONLY != 0 {
@@ -142,9 +161,13 @@ fn new_flow(
     let Some((backend_id, backend)) = backend::choose(frontend, service.count, random) else {
         return Decision::Drop;
     };
+    // The first packet's state: a flow picked up mid-connection (its entries were lost) is
+    // established at once.
     let mut forward = ConntrackEntryV4 {
         backend_id,
         rev_nat_id: service.rev_nat_id,
+        flags: conntrack::flags_of(flow, CT_FIN_FROM_CLIENT),
+        last_seen: now,
         ..ConntrackEntryV4::default()
     };
     let hairpin = backend.address == flow.src_address;
@@ -152,28 +175,28 @@ fn new_flow(
     if hairpin {
         // Replies go to the hairpin address; the pod's own port stays: the backend tuple
         // already tells its flows apart.
-        forward.flags = CT_SNAT;
+        forward.flags |= CT_SNAT;
         forward.nat_address = HAIRPIN_ADDRESS;
         forward.nat_port = flow.src_port;
     } else if node_snat {
-        let Some(node) = NODE_V4.get(0).filter(|node| node.snat_address != 0) else {
+        let Some(node) = node.filter(|node| node.snat_address != 0) else {
             return Decision::Drop;
         };
-        forward.flags = CT_SNAT;
+        forward.flags |= CT_SNAT;
         forward.nat_address = node.snat_address;
-        let Some(port) = claim_snat_port(flow, &backend, &mut forward, node.cpus) else {
+        let Some(port) = claim_snat_port(flow, &backend, &mut forward, node, now) else {
             return Decision::Drop;
         };
         forward.nat_port = port;
         return record_forward(forward_key, backend, forward, || {
             // Our claim is of no use: free the port.
-            let (reverse_key, _) = conntrack::reverse_of(flow, &backend, &forward);
+            let (reverse_key, _) = conntrack::reverse_of(flow, &backend, &forward, now);
             let _ = CONNTRACK_V4.remove(reverse_key);
         });
     }
     // Reverse first: once the forward entry exists, replies must already be translatable. A full
     // LRU evicts rather than fails, so an error here is not worth dropping the packet for.
-    let (reverse_key, reverse) = conntrack::reverse_of(flow, &backend, &forward);
+    let (reverse_key, reverse) = conntrack::reverse_of(flow, &backend, &forward, now);
     let _ = CONNTRACK_V4.insert(reverse_key, reverse, 0);
     // Another CPU may have recorded the flow meanwhile (a retransmitted first packet): its entry
     // wins, and the reverse entry just written is either the same or an unused one that ages out.
@@ -210,10 +233,10 @@ fn record_forward(
 /// it by writing the flow's reverse entry. Each probe tries a random port of the whole range,
 /// free when no entry holds it: the insert with BPF_NOEXIST succeeds for one CPU only, whoever
 /// comes first. Then a random port of this CPU's own share (offset modulo `cpus` = its number),
-/// free as well when its flow gave it up: the TCP connection closed (FIN both ways, or RST), as
-/// netfilter reuses the tuples of connections in TIME_WAIT, or the flow was idle past its
-/// protocol's limit. Taking such a port over is a lookup and an overwrite, which two CPUs could
-/// both do at once for one port: the shares keep them apart. Every insert is preceded by a
+/// free as well when its flow gave it up (`snat_port_reusable`): the TCP connection closed (FIN
+/// both ways, or RST), as netfilter reuses the tuples of connections in TIME_WAIT, or the flow
+/// expired. Taking such a port over is a lookup and an overwrite, which two CPUs could both do
+/// at once for one port: the shares keep them apart. Every insert is preceded by a
 /// lookup, because an LRU insert takes a free node, evicting some other entry when the map is
 /// full, even when it then fails. Returns the port in network byte order.
 #[inline(always)]
@@ -221,9 +244,10 @@ fn claim_snat_port(
     flow: &Ipv4Flow,
     backend: &BackendV4,
     forward: &mut ConntrackEntryV4,
-    cpus: u32,
+    node: &NodeV4,
+    now: u32,
 ) -> Option<u16> {
-    let cpus = cpus.max(1);
+    let cpus = node.cpus.max(1);
     let cpu = unsafe { bpf_get_smp_processor_id() } % cpus;
     // The share's size: the offsets below SNAT_PORT_COUNT that are `cpu` modulo `cpus`.
     let share = (u32::from(SNAT_PORT_COUNT) + cpus - 1 - cpu) / cpus;
@@ -235,7 +259,7 @@ fn claim_snat_port(
         let own = cpu + cpus * (unsafe { bpf_get_prandom_u32() } % share);
         for (offset, may_take_over) in [(anywhere, false), (own, true)] {
             forward.nat_port = (SNAT_PORT_FIRST + offset as u16).to_be();
-            let (reverse_key, reverse) = conntrack::reverse_of(flow, backend, forward);
+            let (reverse_key, reverse) = conntrack::reverse_of(flow, backend, forward, now);
             // SAFETY: map values are plain data; a concurrent update can at worst give a stale
             // value.
             let claimed = match unsafe { CONNTRACK_V4.get(reverse_key) } {
@@ -244,7 +268,7 @@ fn claim_snat_port(
                     .is_ok(),
                 Some(holder) => {
                     may_take_over
-                        && snat_port_reusable(holder, flow.protocol, reverse.last_seen)
+                        && snat_port_reusable(holder, flow.protocol, now, &node.lifetimes)
                         && CONNTRACK_V4
                             .insert(reverse_key, reverse, u64::from(BPF_EXIST))
                             .is_ok()

@@ -51,6 +51,17 @@ pub fn workspace_root() -> PathBuf {
     manifest_dir.parent().unwrap_or(manifest_dir).to_path_buf()
 }
 
+/// `service-agent cleanup --pin-dir DIR`: detaches what agents pinned there and removes it.
+pub fn cleanup(pin_dir: &Path) -> Result<Output> {
+    output_within(
+        Command::new(existing_binary()?)
+            .arg("cleanup")
+            .arg("--pin-dir")
+            .arg(pin_dir),
+        COMMAND_TIMEOUT,
+    )
+}
+
 /// `service-agent check PATHS...`, which needs no running agent.
 pub fn check(paths: &[&Path]) -> Result<Output> {
     output_within(
@@ -60,7 +71,9 @@ pub fn check(paths: &[&Path]) -> Result<Output> {
 }
 
 /// A running `service-agent run`. Borrowing the topology makes the compiler drop the agent
-/// first, so it always stops while its namespace and links still exist.
+/// first, so it always stops while its namespace and links still exist. What it pinned (maps
+/// and links: the datapath) outlives it, as on a real node: the next agent started on the same
+/// topology adopts it, and the topology removes it (`service-agent cleanup`) when it goes.
 pub struct Agent<'t> {
     topology: &'t Topology,
     child: Option<Child>,
@@ -210,7 +223,7 @@ impl<'t> Agent<'t> {
             .collect())
     }
 
-    /// The agent's pin directory (`--pin-dir`), which it must remove when it stops.
+    /// The agent's pin directory (`--pin-dir`), which outlives it.
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
     }
@@ -300,20 +313,28 @@ impl<'t> Agent<'t> {
         })
     }
 
-    /// Sends SIGTERM and waits for the agent to exit (SIGKILL after a timeout, which is an error).
+    /// Sends SIGTERM and waits for the agent to exit (SIGKILL after a timeout, which is an
+    /// error). The datapath stays as the agent left it, pins included, as after a DaemonSet's
+    /// rolling update: start another agent on the same topology to adopt it.
     pub fn stop(mut self) -> Result<ExitStatus> {
-        self.terminate()
+        self.signal(libc::SIGTERM)
     }
 
-    fn terminate(&mut self) -> Result<ExitStatus> {
+    /// Kills the agent with SIGKILL (a crash, an OOM kill) and reaps it. Like `stop`, the
+    /// datapath stays.
+    pub fn kill(mut self) -> Result<ExitStatus> {
+        self.signal(libc::SIGKILL)
+    }
+
+    fn signal(&mut self, signal: libc::c_int) -> Result<ExitStatus> {
         let Some(mut child) = self.child.take() else {
             bail!("the agent is not running");
         };
         let pid = libc::pid_t::try_from(child.id()).context("pid out of range")?;
         // SAFETY: kill has no memory effects; `child` is not reaped yet, so the pid is still ours.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
+        unsafe { libc::kill(pid, signal) };
         wait_within(&mut child, STOP_TIMEOUT)
-            .context("the agent did not stop on SIGTERM")
+            .with_context(|| format!("the agent did not stop on signal {signal}"))
             .map_err(|error| self.with_log(error))
     }
 
@@ -340,18 +361,9 @@ impl<'t> Agent<'t> {
 impl Drop for Agent<'_> {
     fn drop(&mut self) {
         if self.child.is_some()
-            && let Err(error) = self.terminate()
+            && let Err(error) = self.signal(libc::SIGTERM)
         {
             eprintln!("warning: {error:#}");
-        }
-        if self.pin_dir.exists() {
-            eprintln!(
-                "warning: the agent left {} behind; removing it",
-                self.pin_dir.display()
-            );
-            if let Err(error) = fs::remove_dir_all(&self.pin_dir) {
-                eprintln!("warning: cannot remove {}: {error}", self.pin_dir.display());
-            }
         }
         // Captured by the test harness: shown only when the test fails, where it is wanted.
         eprintln!(

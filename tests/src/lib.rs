@@ -19,6 +19,7 @@ pub mod node_client;
 pub mod poll;
 pub mod process;
 pub mod servers;
+pub mod steady_load;
 pub mod topology;
 pub mod unique;
 

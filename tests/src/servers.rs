@@ -121,7 +121,9 @@ fn answer_lines(connection: TcpStream, name: &str) {
         } else {
             name.to_owned()
         };
-        if writeln!(writer, "{answer}").is_err() {
+        // One write: a name and its newline in two segments would wait for the client's
+        // delayed ACK (Nagle) before the second.
+        if writer.write_all(format!("{answer}\n").as_bytes()).is_err() {
             return;
         }
     }

@@ -16,7 +16,7 @@ use std::{
 
 use anyhow::{Context, Result};
 
-use crate::{netns::NetNs, process::ip, servers::BackendServer, unique::RunId};
+use crate::{agent, netns::NetNs, process::ip, servers::BackendServer, unique::RunId};
 
 /// The address every pod routes through; the node holds it on each pod link (Calico style).
 pub const POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
@@ -43,9 +43,12 @@ pub struct Pod {
 
 pub struct Topology {
     run: RunId,
-    // Fields drop in declaration order: servers close their sockets while their namespaces still
-    // exist, pods go before the node that holds the other ends of their links, and the scratch
-    // directory goes last.
+    // Fields drop in declaration order: the datapath agents pinned is detached first (agents
+    // borrow the topology, so they have stopped), servers close their sockets while their
+    // namespaces still exist, pods go before the node that holds the other ends of their links,
+    // and the scratch directory goes last.
+    // Held for its Drop.
+    _datapath: PinnedDatapath,
     servers: Mutex<Vec<BackendServer>>,
     pods: Mutex<Vec<NetNs>>,
     node: NetNs,
@@ -71,6 +74,7 @@ impl Topology {
         node.sysctl("net/ipv4/conf/all/rp_filter", "0")?;
         node.sysctl("net/ipv4/conf/default/rp_filter", "0")?;
         Ok(Self {
+            _datapath: PinnedDatapath(run.pin_dir()),
             run,
             servers: Mutex::default(),
             pods: Mutex::default(),
@@ -222,6 +226,37 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The pin directory of the topology's agents (maps and links: the datapath), which outlives
+/// each agent as on a real node, removed with `service-agent cleanup` as an operator would.
+struct PinnedDatapath(PathBuf);
+
+impl Drop for PinnedDatapath {
+    fn drop(&mut self) {
+        if !self.0.exists() {
+            return;
+        }
+        match agent::cleanup(&self.0) {
+            Ok(output) if output.status.success() => {}
+            Ok(output) => eprintln!(
+                "warning: `service-agent cleanup --pin-dir {}` failed ({}): {}",
+                self.0.display(),
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            ),
+            Err(error) => eprintln!("warning: {error:#}"),
+        }
+        if self.0.exists() {
+            eprintln!(
+                "warning: cleanup left {} behind; removing it",
+                self.0.display()
+            );
+            if let Err(error) = fs::remove_dir_all(&self.0) {
+                eprintln!("warning: cannot remove {}: {error}", self.0.display());
+            }
+        }
+    }
 }
 
 struct ScratchDir(PathBuf);

@@ -4,6 +4,7 @@
 //! parallel, and skips when not run as root.
 
 use std::{
+    fs,
     net::{Ipv4Addr, SocketAddrV4},
     panic::{self, AssertUnwindSafe},
     sync::atomic::{AtomicBool, Ordering},
@@ -316,8 +317,8 @@ fn the_same_service_name_in_two_namespaces_is_two_services() -> Result<()> {
 }
 
 #[test]
-fn sigterm_detaches_the_programs_and_removes_the_pins() -> Result<()> {
-    if !privileged("sigterm_detaches_the_programs_and_removes_the_pins") {
+fn the_datapath_outlives_sigterm_a_new_agent_adopts_it_and_cleanup_removes_it() -> Result<()> {
+    if !privileged("the_datapath_outlives_sigterm_a_new_agent_adopts_it_and_cleanup_removes_it") {
         return Ok(());
     }
     let topology = Topology::new()?;
@@ -331,25 +332,53 @@ fn sigterm_detaches_the_programs_and_removes_the_pins() -> Result<()> {
     agent.wait_for_backends(&client, Transport::Tcp, tcp(cluster_ip), &["web-0"])?;
 
     let pin_dir = agent.pin_dir().to_path_buf();
-    ensure!(
-        pin_dir.is_dir(),
-        "the agent pinned nothing at {}",
-        pin_dir.display()
-    );
     let status = agent.stop()?;
     ensure!(
         status.success(),
         "the agent exited with {status} on SIGTERM"
     );
+    // As kube-proxy's rules stay when it stops: the service still answers, over both paths.
+    for (transport, to) in [
+        (Transport::Tcp, tcp(cluster_ip)),
+        (Transport::Udp, udp(cluster_ip)),
+    ] {
+        let answer = client.request(transport, to);
+        ensure!(
+            answer.as_ref().is_ok_and(|name| name == "web-0"),
+            "{transport} {to} after SIGTERM: {answer:?}"
+        );
+    }
+    let links = fs::read_dir(pin_dir.join("links"))
+        .context("no pinned links after SIGTERM")?
+        .count();
+    ensure!(links > 0, "no pinned links after SIGTERM");
+
+    // A new agent adopts the pinned links: no new link, and the service keeps answering.
+    let agent = Agent::start(&topology, &[manifests.path()])?;
+    agent.wait_for_service(DEFAULT, WEB)?;
+    agent.wait_for_backends(&client, Transport::Tcp, tcp(cluster_ip), &["web-0"])?;
+    let log = agent.log()?;
+    ensure!(
+        log.contains("how=Adopted") && !log.contains("how=New"),
+        "the second agent did not adopt every link:\n{log}"
+    );
+    agent.kill()?;
+
+    let output = agent::cleanup(&pin_dir)?;
+    ensure!(
+        output.status.success(),
+        "cleanup failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     ensure!(
         !pin_dir.exists(),
-        "the agent left {} behind",
+        "cleanup left {} behind",
         pin_dir.display()
     );
     // Nothing translates the VIP any more: the node has no route for it.
     ensure!(
         client.tcp_request(tcp(cluster_ip)).is_err(),
-        "{cluster_ip} still answers after the agent stopped"
+        "{cluster_ip} still answers after cleanup"
     );
     Ok(())
 }

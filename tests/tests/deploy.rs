@@ -100,6 +100,7 @@ fn every_deploy_manifest_is_a_valid_kubernetes_object() -> Result<()> {
             "ClusterRole",
             "ClusterRoleBinding",
             "DaemonSet",
+            "DaemonSet",
             "ServiceAccount"
         ]
     );
@@ -132,13 +133,19 @@ fn the_cluster_role_only_lists_and_watches_what_the_agent_reads() -> Result<()> 
     Ok(())
 }
 
-#[test]
-fn the_agent_container_has_only_the_capabilities_it_needs() -> Result<()> {
+/// The DaemonSet named `name`.
+fn daemon_set(name: &str) -> Result<(String, DaemonSet)> {
     let (what, value) = documents()?
         .into_iter()
-        .find(|(_, value)| value["kind"] == "DaemonSet")
-        .context("no DaemonSet")?;
-    let daemon_set: DaemonSet = round_trip(&what, &value)?;
+        .find(|(_, value)| value["kind"] == "DaemonSet" && value["metadata"]["name"] == name)
+        .with_context(|| format!("no DaemonSet {name}"))?;
+    let daemon_set = round_trip(&what, &value)?;
+    Ok((what, daemon_set))
+}
+
+#[test]
+fn the_agent_container_has_only_the_capabilities_it_needs() -> Result<()> {
+    let (what, daemon_set) = daemon_set("service-agent")?;
     let pod = daemon_set
         .spec
         .context("no spec")?
@@ -168,6 +175,43 @@ fn the_agent_container_has_only_the_capabilities_it_needs() -> Result<()> {
     ensure!(
         args.iter().any(|arg| arg == "--in-cluster"),
         "{what}: the agent does not read the cluster: {args:?}"
+    );
+    Ok(())
+}
+
+/// The agent reaches the API server at its own address, not through the `kubernetes`
+/// ClusterIP that only it translates; and the uninstall path runs `service-agent cleanup`.
+#[test]
+fn the_agent_does_not_need_itself_to_reach_the_api_server_and_uninstall_cleans_up() -> Result<()> {
+    let (what, agent) = daemon_set("service-agent")?;
+    let pod = agent
+        .spec
+        .context("no spec")?
+        .template
+        .spec
+        .context("no pod spec")?;
+    let env = pod.containers[0].env.clone().unwrap_or_default();
+    for name in ["KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT"] {
+        ensure!(
+            env.iter()
+                .any(|var| var.name == name && var.value.is_some()),
+            "{what}: {name} is not set in the container's env"
+        );
+    }
+    let (what, cleanup) = daemon_set("service-agent-cleanup")?;
+    let pod = cleanup
+        .spec
+        .context("no spec")?
+        .template
+        .spec
+        .context("no pod spec")?;
+    let init = pod.init_containers.unwrap_or_default();
+    ensure!(
+        init.iter().any(
+            |container| container.args.as_deref().unwrap_or_default().first()
+                == Some(&"cleanup".to_owned())
+        ),
+        "{what}: no init container runs `service-agent cleanup`"
     );
     Ok(())
 }

@@ -7,11 +7,14 @@ mod packets;
 
 use std::{collections::BTreeSet, net::Ipv4Addr, ops::RangeInclusive, time::SystemTime};
 
-use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
+use aya::{
+    maps::MapError,
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
+};
 use packets::{
-    Icmp, Packet, TCP, TCP_FIN_ACK, TCP_RST, TCP_SYN, UDP, assert_checksums_valid,
-    assert_icmp_checksums_valid, assert_icmp_error_checksums_valid, flow_of, icmp_frame,
-    icmp_port_unreachable,
+    Icmp, Packet, TCP, TCP_ACK, TCP_FIN_ACK, TCP_RST, TCP_SYN, TCP_SYN_ACK, UDP,
+    assert_checksums_valid, assert_icmp_checksums_valid, assert_icmp_error_checksums_valid,
+    flow_of, icmp_frame, icmp_port_unreachable,
 };
 use service_agent::{
     dataplane::{Dataplane, EXTERNAL_INGRESS_PROGRAM, POD_INGRESS_PROGRAM, SocketLbScope},
@@ -22,8 +25,9 @@ use service_agent::{
     sync::Syncer,
 };
 use service_common::{
-    CT_FORWARD, CT_RESET, CT_REVERSE, CT_SNAT, ConntrackEntryV4, ConntrackKeyV4, SNAT_PORT_COUNT,
-    SNAT_PORT_FIRST, flow_closed, snat_idle_limit,
+    CT_FIN_FROM_BACKEND, CT_FIN_FROM_CLIENT, CT_FORWARD, CT_RESET, CT_REVERSE, CT_SEEN_NON_SYN,
+    CT_SNAT, ConntrackEntryV4, ConntrackKeyV4, ConntrackLifetimes, SNAT_PORT_COUNT,
+    SNAT_PORT_FIRST, flow_closed,
 };
 
 const TC_ACT_OK: u32 = 0;
@@ -217,10 +221,14 @@ impl Fixture {
             eprintln!("skipped: BPF_PROG_TEST_RUN needs root");
             return None;
         }
-        let mut dataplane = Dataplane::load(None).expect("load the dataplane");
+        let mut dataplane = Dataplane::load_unpinned().expect("load the dataplane");
         dataplane
             .maps
-            .set_node(&node, SocketLbScope::NodeAndPods)
+            .set_node(
+                &node,
+                SocketLbScope::NodeAndPods,
+                ConntrackLifetimes::DEFAULT,
+            )
             .expect("write NODE_V4");
         let syncer = Syncer::new(&dataplane.maps, node).expect("read the maps");
         Some(Self { dataplane, syncer })
@@ -654,6 +662,47 @@ impl Fixture {
         conntrack.remove(&key).expect("evicting a conntrack entry");
         entry
     }
+
+    /// The conntrack entry `packet` would match.
+    fn entry(&self, packet: &Packet, direction: u8) -> ConntrackEntryV4 {
+        self.dataplane
+            .maps
+            .conntrack
+            .get(&conntrack_key(packet, direction), 0)
+            .unwrap_or_else(|err| panic!("the entry of {packet:?}: {err}"))
+    }
+
+    /// Whether there is a conntrack entry `packet` would match.
+    fn has_entry(&self, packet: &Packet, direction: u8) -> bool {
+        match self
+            .dataplane
+            .maps
+            .conntrack
+            .get(&conntrack_key(packet, direction), 0)
+        {
+            Ok(_) => true,
+            Err(MapError::KeyNotFound) => false,
+            Err(err) => panic!("reading the entry of {packet:?}: {err}"),
+        }
+    }
+
+    /// Makes the conntrack entry `packet` would match `seconds` older, as if its flow had been
+    /// silent that long, and returns it as it was.
+    fn age(&mut self, packet: &Packet, direction: u8, seconds: u32) -> ConntrackEntryV4 {
+        let entry = self.entry(packet, direction);
+        let aged = ConntrackEntryV4 {
+            last_seen: entry.last_seen.checked_sub(seconds).unwrap_or_else(|| {
+                panic!("the machine must have been up for more than {seconds} s")
+            }),
+            ..entry
+        };
+        self.dataplane
+            .maps
+            .conntrack
+            .insert(conntrack_key(packet, direction), aged, 0)
+            .expect("ageing a conntrack entry");
+        entry
+    }
 }
 
 // The two entries of a flow live in one LRU map that evicts them one at a time. A flow that
@@ -815,20 +864,20 @@ fn the_snat_ports_of_closed_flows_are_reused_and_those_of_live_ones_never() {
         closed.flags
     );
 
-    // The client reuses its port for a new connection: its SYN reopens the flow, on the same
-    // backend and port, and the port is no longer given up.
-    let reopened = request.with_tcp_flags(TCP_SYN);
-    assert_eq!(
-        fx.backend_and_snat_port_of(EXTERNAL, &reopened),
-        (chosen, snat_port)
+    // The client reuses its port for a new connection: its SYN is a new flow, balanced afresh
+    // on a port of its own, since the closed flow keeps its port a moment longer (a late ACK
+    // may still come).
+    let (rebalanced_to, new_port) =
+        fx.backend_and_snat_port_of(EXTERNAL, &request.with_tcp_flags(TCP_SYN));
+    assert_eq!(rebalanced_to, chosen, "there is one backend");
+    assert_ne!(
+        new_port, snat_port,
+        "a port that closed a moment ago was reused"
     );
-    let entry = fx
-        .dataplane
-        .maps
-        .conntrack
-        .get(&conntrack_key(&reply, CT_REVERSE), 0)
-        .expect("the reopened flow's reverse entry");
-    assert!(!flow_closed(entry.flags), "a SYN must reopen the flow");
+    let new_reply = Packet::new(TCP, chosen, (NODE_IP, new_port));
+    assert!(!flow_closed(fx.entry(&new_reply, CT_REVERSE).flags));
+    assert!(!flow_closed(fx.entry(&request, CT_FORWARD).flags));
+    assert!(flow_closed(fx.entry(&reply, CT_REVERSE).flags));
 
     // Random probes would seldom find one free port among thousands, so every port is given to
     // one holder: live flows of another client, or flows that closed a moment ago (a late ACK
@@ -887,7 +936,7 @@ fn the_snat_ports_of_idle_udp_flows_are_reused_after_a_minute() {
         .expect("the flow's reverse entry");
     let last_seen_before_limit = recent
         .last_seen
-        .checked_sub(snat_idle_limit(UDP) + 1)
+        .checked_sub(ConntrackLifetimes::DEFAULT.other + 1)
         .expect("the machine must have been up for more than a minute");
 
     let live = ConntrackEntryV4 {
@@ -953,6 +1002,347 @@ fn run_on_cpu_0() {
             "sched_setaffinity"
         );
     }
+}
+
+// --- Conntrack ageing ----------------------------------------------------------------------------
+//
+// Both entries of a flow record when it last carried a packet and how far its TCP connection got.
+// A flow past its lifetime, or a bare SYN on a closed or established one, is a new flow; a reply
+// on an expired reverse entry, or a SYN-ACK on a closed one, belongs to a connection this node
+// did not balance.
+
+/// A second Service, `default/keeper` (TCP 80 at 10.96.0.11), whose endpoint is backend 2: the
+/// backend stays in the maps, and its TCP flows in conntrack, after it leaves `web`. A flow that
+/// kept its entry would still reach it; one balanced afresh cannot.
+fn keeper_of_backend_2() -> Service {
+    Service {
+        name: ServiceName {
+            namespace: "default".into(),
+            name: "keeper".into(),
+        },
+        cluster_ip: Ipv4Addr::new(10, 96, 0, 11),
+        ..cluster_ip_service(vec![service_port(
+            "http",
+            80,
+            Protocol::Tcp,
+            &endpoints(&[2]),
+        )])
+    }
+}
+
+impl Fixture {
+    /// `web` on backend 2, with backend 2 kept by [`keeper_of_backend_2`].
+    fn web_on_backend_2() -> Option<Self> {
+        Self::serving(Node::default(), [web_service(&[2]), keeper_of_backend_2()])
+    }
+
+    /// Moves `web` from backend 2 to backend 3; backend 2 stays (and its TCP flows' entries).
+    fn move_web_to_backend_3(&mut self) {
+        self.sync(&desired([web_service(&[3]), keeper_of_backend_2()]));
+    }
+
+    /// Asserts that pod_ingress sends the client's `packet` to `backend`, changing nothing else.
+    fn assert_sent_to(&mut self, packet: &Packet, backend: (Ipv4Addr, u16), why: &str) {
+        let (verdict, out) = self.run(&packet.bytes());
+        assert_eq!(verdict, TC_ACT_OK, "{packet:?}");
+        assert_eq!(
+            flow_of(&out).1,
+            backend,
+            "{packet:?} went to the wrong backend: {why}"
+        );
+        assert_eq!(out, packet.with_dst(backend).bytes());
+        assert_checksums_valid(&out);
+    }
+}
+
+// The client's TCP connection to the ClusterIP closes (FIN both ways) and, while backend 2 has
+// left the Service, the client reuses its port for a new connection. Its SYN is a new flow: it
+// goes to a backend the Service has now, with new conntrack entries, instead of following the
+// closed flow's entry to backend 2.
+#[test]
+fn a_syn_on_a_closed_flow_is_balanced_afresh() {
+    let Some(mut fx) = Fixture::web_on_backend_2() else {
+        return;
+    };
+    let request = Packet::new(TCP, CLIENT, FRONTEND);
+    let reply = Packet::new(TCP, backend(2), CLIENT);
+    fx.assert_sent_to(&request, backend(2), "the only backend");
+    fx.assert_translated(
+        POD,
+        &reply.with_tcp_flags(TCP_SYN_ACK),
+        &reply.with_src(FRONTEND).with_tcp_flags(TCP_SYN_ACK),
+    );
+    fx.assert_sent_to(
+        &request.with_tcp_flags(TCP_FIN_ACK),
+        backend(2),
+        "a closing flow keeps its backend",
+    );
+    fx.assert_translated(
+        POD,
+        &reply.with_tcp_flags(TCP_FIN_ACK),
+        &reply.with_src(FRONTEND).with_tcp_flags(TCP_FIN_ACK),
+    );
+    assert!(flow_closed(fx.entry(&request, CT_FORWARD).flags));
+    fx.move_web_to_backend_3();
+
+    // A late ACK of the closed flow still finds its backend.
+    fx.assert_sent_to(
+        &request.with_tcp_flags(TCP_ACK),
+        backend(2),
+        "a closed flow's late ACK",
+    );
+    fx.assert_sent_to(
+        &request.with_tcp_flags(TCP_SYN),
+        backend(3),
+        "a SYN on a closed flow is a new flow",
+    );
+    let forward = fx.entry(&request, CT_FORWARD);
+    assert_eq!(
+        forward.flags, 0,
+        "the new flow's forward entry: {forward:?}"
+    );
+    let reverse = fx.entry(&Packet::new(TCP, backend(3), CLIENT), CT_REVERSE);
+    assert_eq!(
+        (reverse.backend_id, reverse.flags),
+        (forward.backend_id, 0),
+        "the new flow's reverse entry: {reverse:?}"
+    );
+    fx.assert_translated(
+        POD,
+        &Packet::new(TCP, backend(3), CLIENT),
+        &Packet::new(TCP, FRONTEND, CLIENT),
+    );
+}
+
+// A bare SYN on a flow whose handshake completed is a new connection on the same tuple: the old
+// one died without this node seeing it end (the client's host rebooted, a FIN was lost). Other
+// packets of the established flow keep its backend, even one that left the Service.
+#[test]
+fn a_bare_syn_on_an_established_flow_is_balanced_afresh() {
+    let Some(mut fx) = Fixture::web_on_backend_2() else {
+        return;
+    };
+    let request = Packet::new(TCP, CLIENT, FRONTEND);
+    let reply = Packet::new(TCP, backend(2), CLIENT);
+    fx.assert_sent_to(&request, backend(2), "the only backend");
+    fx.assert_translated(
+        POD,
+        &reply.with_tcp_flags(TCP_SYN_ACK),
+        &reply.with_src(FRONTEND).with_tcp_flags(TCP_SYN_ACK),
+    );
+    fx.assert_sent_to(
+        &request.with_tcp_flags(TCP_ACK),
+        backend(2),
+        "the handshake's last ACK",
+    );
+    fx.move_web_to_backend_3();
+
+    fx.assert_sent_to(
+        &request.with_tcp_flags(TCP_ACK),
+        backend(2),
+        "an established flow keeps its backend",
+    );
+    // Only a bare SYN opens a connection: a SYN-ACK from the client (a simultaneous open) is
+    // part of the flow.
+    fx.assert_sent_to(
+        &request.with_tcp_flags(TCP_SYN_ACK),
+        backend(2),
+        "a client's SYN-ACK is no new connection",
+    );
+    fx.assert_sent_to(
+        &request.with_tcp_flags(TCP_SYN),
+        backend(3),
+        "a bare SYN on an established flow is a new flow",
+    );
+}
+
+// Until the handshake completes, a SYN is a retransmission of the first one (the SYN or the
+// SYN-ACK was lost): it stays on the flow's backend, even one that left the Service meanwhile.
+#[test]
+fn a_retransmitted_syn_keeps_its_backend_before_the_handshake_completes() {
+    let Some(mut fx) = Fixture::web_on_backend_2() else {
+        return;
+    };
+    let request = Packet::new(TCP, CLIENT, FRONTEND);
+    let reply = Packet::new(TCP, backend(2), CLIENT);
+    fx.assert_sent_to(&request, backend(2), "the only backend");
+    fx.move_web_to_backend_3();
+    fx.assert_sent_to(&request, backend(2), "a retransmitted SYN");
+    fx.assert_translated(
+        POD,
+        &reply.with_tcp_flags(TCP_SYN_ACK),
+        &reply.with_src(FRONTEND).with_tcp_flags(TCP_SYN_ACK),
+    );
+    fx.assert_sent_to(&request, backend(2), "a SYN retransmitted after a SYN-ACK");
+    fx.assert_sent_to(
+        &request.with_tcp_flags(TCP_ACK),
+        backend(2),
+        "the handshake's last ACK",
+    );
+}
+
+// A flow silent for longer than its lifetime is over: its next packet is a new flow. The
+// lifetimes are the agent's (NODE_V4): here 100 s for established TCP instead of 6 h, so a flow
+// silent for 99 s goes on and one silent for 101 s starts over.
+#[test]
+fn an_expired_forward_entry_is_balanced_afresh_with_the_agent_s_lifetimes() {
+    let Some(mut fx) = Fixture::web_on_backend_2() else {
+        return;
+    };
+    let lifetimes = ConntrackLifetimes {
+        tcp_established: 100,
+        ..ConntrackLifetimes::DEFAULT
+    };
+    fx.dataplane
+        .maps
+        .set_node(&Node::default(), SocketLbScope::NodeAndPods, lifetimes)
+        .expect("write NODE_V4");
+    let request = Packet::new(TCP, CLIENT, FRONTEND).with_tcp_flags(TCP_ACK);
+    fx.assert_sent_to(&request, backend(2), "the only backend");
+    fx.move_web_to_backend_3();
+
+    let before = fx.age(&request, CT_FORWARD, 99);
+    fx.assert_sent_to(
+        &request,
+        backend(2),
+        "a flow silent for 99 s of 100 goes on",
+    );
+    assert!(
+        fx.entry(&request, CT_FORWARD).last_seen >= before.last_seen,
+        "the packet must refresh the entry"
+    );
+    fx.age(&request, CT_FORWARD, 101);
+    fx.assert_sent_to(
+        &request,
+        backend(3),
+        "a flow silent for 101 s of 100 is over",
+    );
+    let forward = fx.entry(&request, CT_FORWARD);
+    let reverse = fx.entry(&Packet::new(TCP, backend(3), CLIENT), CT_REVERSE);
+    assert_eq!(forward.backend_id, reverse.backend_id);
+    assert_eq!(
+        forward.last_seen, reverse.last_seen,
+        "the new flow's entries are fresh"
+    );
+}
+
+// Each packet refreshes both entries of its flow, whichever direction it goes: a flow whose
+// traffic is all one way (a download, a stream of UDP datagrams) stays alive in both, and both
+// know its TCP state.
+#[test]
+fn a_packet_in_either_direction_refreshes_both_entries() {
+    let Some(mut fx) = Fixture::new(&[2]) else {
+        return;
+    };
+    let request = Packet::new(TCP, CLIENT, FRONTEND);
+    let reply = Packet::new(TCP, backend(2), CLIENT);
+    fx.assert_sent_to(&request, backend(2), "the only backend");
+
+    // Replies refresh the forward entry and tell it the handshake completed, then the FIN.
+    let aged = fx.age(&request, CT_FORWARD, 30);
+    fx.assert_translated(
+        POD,
+        &reply.with_tcp_flags(TCP_ACK),
+        &reply.with_src(FRONTEND).with_tcp_flags(TCP_ACK),
+    );
+    let forward = fx.entry(&request, CT_FORWARD);
+    assert!(
+        forward.last_seen >= aged.last_seen,
+        "{forward:?}, aged from {aged:?}"
+    );
+    assert_eq!(forward.last_seen, fx.entry(&reply, CT_REVERSE).last_seen);
+    assert_eq!(forward.flags, CT_SEEN_NON_SYN, "{forward:?}");
+    fx.assert_translated(
+        POD,
+        &reply.with_tcp_flags(TCP_FIN_ACK),
+        &reply.with_src(FRONTEND).with_tcp_flags(TCP_FIN_ACK),
+    );
+    assert_eq!(
+        fx.entry(&request, CT_FORWARD).flags,
+        CT_SEEN_NON_SYN | CT_FIN_FROM_BACKEND
+    );
+
+    // Client packets refresh the reverse entry and tell it the client's FIN.
+    let aged = fx.age(&reply, CT_REVERSE, 30);
+    fx.assert_sent_to(
+        &request.with_tcp_flags(TCP_FIN_ACK),
+        backend(2),
+        "a closing flow keeps its backend",
+    );
+    let reverse = fx.entry(&reply, CT_REVERSE);
+    assert!(
+        reverse.last_seen >= aged.last_seen,
+        "{reverse:?}, aged from {aged:?}"
+    );
+    assert_eq!(reverse.last_seen, fx.entry(&request, CT_FORWARD).last_seen);
+    assert_eq!(
+        reverse.flags,
+        CT_SEEN_NON_SYN | CT_FIN_FROM_BACKEND | CT_FIN_FROM_CLIENT
+    );
+}
+
+// A pod's UDP flow to a ClusterIP left a reverse entry (backend -> client port). After its
+// lifetime of silence (the agent's: 30 s here instead of 60) the flow is over; the client then
+// talks to the backend pod directly from the same port. The pod's answers must reach it as they
+// are, not rewritten to come from the ClusterIP; the dead entry is deleted on the way.
+#[test]
+fn an_expired_reverse_entry_is_not_applied() {
+    let Some(mut fx) = Fixture::new(&[2]) else {
+        return;
+    };
+    let lifetimes = ConntrackLifetimes {
+        other: 30,
+        ..ConntrackLifetimes::DEFAULT
+    };
+    fx.dataplane
+        .maps
+        .set_node(&Node::default(), SocketLbScope::NodeAndPods, lifetimes)
+        .expect("write NODE_V4");
+    let request = Packet::new(UDP, CLIENT, DNS_FRONTEND);
+    assert_eq!(fx.backend_of(&request), backend(2));
+    let reply = Packet::new(UDP, backend(2), CLIENT);
+    fx.age(&reply, CT_REVERSE, 29);
+    fx.assert_translated(POD, &reply, &reply.with_src(DNS_FRONTEND));
+    fx.age(&reply, CT_REVERSE, 31);
+    fx.assert_passed_untouched(&reply.bytes());
+    assert!(
+        !fx.has_entry(&reply, CT_REVERSE),
+        "the expired entry must be deleted"
+    );
+    fx.assert_passed_untouched(&reply.bytes());
+}
+
+// After the client's connection through the ClusterIP closed, the client connects to the backend
+// pod directly from the same port. The pod's SYN-ACK finds the closed flow's reverse entry: it
+// is no reply of that flow and must pass as it is, and so must the rest of the direct
+// connection's packets (the entry is deleted).
+#[test]
+fn a_syn_ack_on_a_closed_flow_is_not_translated() {
+    let Some(mut fx) = Fixture::new(&[2]) else {
+        return;
+    };
+    let request = Packet::new(TCP, CLIENT, FRONTEND);
+    let reply = Packet::new(TCP, backend(2), CLIENT);
+    fx.assert_sent_to(&request, backend(2), "the only backend");
+    fx.assert_sent_to(
+        &request.with_tcp_flags(TCP_FIN_ACK),
+        backend(2),
+        "a closing flow keeps its backend",
+    );
+    fx.assert_translated(
+        POD,
+        &reply.with_tcp_flags(TCP_FIN_ACK),
+        &reply.with_src(FRONTEND).with_tcp_flags(TCP_FIN_ACK),
+    );
+
+    // The direct connection: the client's SYN to the pod IP, the pod's SYN-ACK and ACK.
+    fx.assert_passed_untouched(&Packet::new(TCP, CLIENT, backend(2)).bytes());
+    fx.assert_passed_untouched(&reply.with_tcp_flags(TCP_SYN_ACK).bytes());
+    assert!(
+        !fx.has_entry(&reply, CT_REVERSE),
+        "the closed flow's entry must be deleted"
+    );
+    fx.assert_passed_untouched(&reply.with_tcp_flags(TCP_ACK).bytes());
 }
 
 // A pod talking to nodeIP:nodePort is DNATed only: its address is already routable in the
@@ -1198,6 +1588,31 @@ fn an_icmp_error_from_the_client_reaches_the_backend() {
     fx.assert_icmp_error_translated(EXTERNAL, &error, &expected);
 }
 
+// An error about a flow that expired is not translated, as the flow's own packets no longer are.
+#[test]
+fn an_icmp_error_about_an_expired_flow_passes_untouched() {
+    let Some(mut fx) = Fixture::new(&[2]) else {
+        return;
+    };
+    let request = Packet::new(UDP, CLIENT, DNS_FRONTEND);
+    assert_eq!(fx.backend_of(&request), backend(2));
+    let sent = quote(&request.with_dst(backend(2)));
+    let error = icmp_frame(backend(2).0, CLIENT.0, Icmp::PORT_UNREACHABLE, &sent);
+    let expired = ConntrackLifetimes::DEFAULT.other + 1;
+    fx.age(&Packet::new(UDP, backend(2), CLIENT), CT_REVERSE, expired);
+    fx.assert_passed_untouched(&error);
+
+    // From the client's side, about the frontend's reply: looked up by the forward entry.
+    let error = icmp_frame(
+        CLIENT.0,
+        VIP,
+        Icmp::PORT_UNREACHABLE,
+        &quote(&Packet::new(UDP, DNS_FRONTEND, CLIENT)),
+    );
+    fx.age(&request, CT_FORWARD, expired);
+    fx.assert_passed_untouched(&error);
+}
+
 #[test]
 fn icmp_that_is_not_about_a_translated_flow_passes_untouched() {
     let Some(mut fx) = Fixture::new(&[2]) else {
@@ -1252,6 +1667,14 @@ impl Fixture {
         let (program, _) = self.dataplane.xdp_program();
         run_xdp(program, frame)
     }
+
+    /// Runs `external_xdp` on a client's packet that must be DNATed and SNATed and passed on to
+    /// the stack: (backend, SNAT port).
+    fn xdp_backend_and_snat_port_of(&mut self, request: &Packet) -> SnatedFlow {
+        let (verdict, out) = self.run_xdp(&request.bytes());
+        assert_eq!(verdict, XDP_PASS, "{request:?}");
+        assert_dnated_and_snated(request, TC_ACT_OK, &out)
+    }
 }
 
 fn run_xdp(program: &Xdp, frame: &[u8]) -> (u32, Vec<u8>) {
@@ -1300,6 +1723,42 @@ fn xdp_translates_node_port_flows_and_replies_as_tc_does() {
     let mut expected = request.with_src((NODE_IP, snat_port)).with_dst(backend);
     expected.udp_without_checksum = true;
     assert_eq!(out, expected.bytes());
+}
+
+// XDP judges conntrack entries as TC does: a reply on an expired reverse entry passes as it is,
+// and a client packet on an expired forward entry is a new flow (here on a new SNAT port, since
+// the old flow's reverse entry, not expired, still holds its port).
+#[test]
+fn xdp_does_not_apply_expired_entries() {
+    let backends = endpoints(&[2]);
+    let Some(mut fx) = Fixture::serving(node_a(), [node_port_service_with_udp(&backends)]) else {
+        return;
+    };
+    let expired = ConntrackLifetimes::DEFAULT.other + 1;
+    let request = Packet::new(UDP, EXTERNAL_CLIENT, NODE_PORT_FRONTEND);
+    let (chosen, snat_port) = fx.xdp_backend_and_snat_port_of(&request);
+    let reply = Packet::new(UDP, chosen, (NODE_IP, snat_port));
+    fx.age(&reply, CT_REVERSE, expired);
+    assert_eq!(
+        fx.run_xdp(&reply.bytes()),
+        (XDP_PASS, reply.bytes()),
+        "a reply on an expired reverse entry must pass untouched"
+    );
+    assert!(
+        !fx.has_entry(&reply, CT_REVERSE),
+        "the expired entry must be deleted"
+    );
+
+    let request = request.with_src((EXTERNAL_CLIENT.0, 40001));
+    let (chosen, snat_port) = fx.xdp_backend_and_snat_port_of(&request);
+    fx.age(&request, CT_FORWARD, expired);
+    let (_, new_port) = fx.xdp_backend_and_snat_port_of(&request);
+    assert_ne!(new_port, snat_port, "an expired forward entry was followed");
+    fx.assert_translated(
+        EXTERNAL,
+        &Packet::new(UDP, chosen, (NODE_IP, new_port)),
+        &Packet::new(UDP, NODE_PORT_FRONTEND, request.src),
+    );
 }
 
 // What XDP cannot finish goes on untouched to TC at the same link: a refusal needs a new

@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use integration_tests::{
-    agent::Agent,
+    agent::{self, Agent},
     cgroup::TestCgroup,
     lan::{self, EXTERNAL_INTERFACE, Lan},
     manifest::{self, Exposure, ManifestDir, SERVICE_TCP_PORT, SERVICE_UDP_PORT},
@@ -225,13 +225,32 @@ fn node_processes_reach_cluster_ips_and_node_ports_over_tcp() -> Result<()> {
     let b_node_port = SocketAddrV4::new(lan::node_ip(NODE_B), 30100);
     wait_for_backends(&on_b, Request::Tcp, b_node_port, &both)?;
 
-    // Stopped agents leave nothing attached: node A has no route to the ClusterIP itself.
+    // Stopped agents leave their hooks attached: node processes are still served.
+    let mut pin_dirs = Vec::new();
     for agent in agents {
+        pin_dirs.push(agent.pin_dir().to_path_buf());
         agent.stop()?;
+    }
+    let reply = on_a
+        .request(Request::Tcp, cluster_ip_port)
+        .context("the stopped agents' hooks no longer serve node processes")?;
+    ensure!(
+        both.contains(&reply.backend.as_str()),
+        "answered by {}",
+        reply.backend
+    );
+    // `service-agent cleanup` detaches them: node A has no route to the ClusterIP itself.
+    for pin_dir in &pin_dirs {
+        let output = agent::cleanup(pin_dir)?;
+        ensure!(
+            output.status.success(),
+            "cleanup: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
     match on_a.request(Request::Tcp, cluster_ip_port) {
         Ok(reply) => bail!(
-            "{cluster_ip_port} still answered by {} after the agents stopped",
+            "{cluster_ip_port} still answered by {} after cleanup",
             reply.backend
         ),
         Err(error) => ensure!(

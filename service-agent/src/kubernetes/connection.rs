@@ -12,9 +12,9 @@ use kube::{
 pub enum ApiServer {
     /// `--kubeconfig PATH`: its current context.
     Kubeconfig(PathBuf),
-    /// `--in-cluster`: KUBERNETES_SERVICE_HOST/PORT, the token and CA under
-    /// /var/run/secrets/kubernetes.io/serviceaccount.
-    InCluster,
+    /// `--in-cluster`: the token and CA under /var/run/secrets/kubernetes.io/serviceaccount,
+    /// and the API server at `server` (`--api-server`) or else at KUBERNETES_SERVICE_HOST/PORT.
+    InCluster { server: Option<String> },
 }
 
 impl ApiServer {
@@ -29,8 +29,21 @@ impl ApiServer {
                     .await
                     .with_context(|| format!("using the kubeconfig {}", path.display()))?
             }
-            ApiServer::InCluster => Config::incluster()
+            ApiServer::InCluster { server: None } => Config::incluster()
                 .context("--in-cluster: reading the service account's token and CA")?,
+            // The kubelet sets KUBERNETES_SERVICE_HOST to the `kubernetes` Service's ClusterIP,
+            // which only a running proxy translates: on a node whose proxy is this agent, the
+            // API server's own address is what works before the first sync.
+            ApiServer::InCluster {
+                server: Some(server),
+            } => {
+                let mut config = Config::incluster_dns()
+                    .context("--in-cluster: reading the service account's token and CA")?;
+                config.cluster_url = server
+                    .parse()
+                    .with_context(|| format!("--api-server {server:?} is not a URL"))?;
+                config
+            }
         };
         tracing::info!(api_server = %config.cluster_url, "Kubernetes API server");
         Client::try_from(config).context("building the Kubernetes client")

@@ -4,6 +4,7 @@
 mod files;
 mod notify;
 mod parse;
+mod settle;
 mod watch;
 
 pub use notify::ManifestEvents;

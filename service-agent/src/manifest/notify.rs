@@ -1,11 +1,14 @@
 //! Wakes the agent as soon as something changes in its manifest paths (inotify), so that a change
 //! is applied within milliseconds instead of at the next poll. The poll stays as the safety net:
 //! it sees what inotify cannot (paths that do not exist yet, network filesystems, a watch limit
-//! reached), and a wake-up that changed nothing costs only a few `stat` calls.
+//! reached), and a wake-up that changed nothing costs only a few `stat` calls. The events also
+//! tell which files their writers finished, so that a `ManifestSource` uses those versions at
+//! once instead of waiting for them to settle.
 
 use std::{
-    ffi::CString,
-    io,
+    collections::HashMap,
+    ffi::{CString, OsStr},
+    io, mem,
     os::{
         fd::{AsRawFd, FromRawFd, OwnedFd},
         unix::ffi::OsStrExt,
@@ -15,6 +18,8 @@ use std::{
 
 use anyhow::{Context, Result};
 use tokio::io::{Interest, unix::AsyncFd};
+
+use super::{files, settle::Finished};
 
 /// Events that mean a manifest may have changed. Not IN_CREATE or IN_MODIFY: a file being written
 /// in place is read when its writer closes it (IN_CLOSE_WRITE), not half-way through; editors and
@@ -27,14 +32,23 @@ const MASK: u32 = libc::IN_CLOSE_WRITE
     | libc::IN_DELETE_SELF
     | libc::IN_MOVE_SELF;
 
+/// A file its writer finished: closed after writing, or renamed into place.
+const FINISHED: u32 = libc::IN_CLOSE_WRITE | libc::IN_MOVED_TO;
+
 pub struct ManifestEvents {
     inotify: AsyncFd<OwnedFd>,
+    /// The directory of each watch, as the manifest paths name it (so that a file's path
+    /// built from an event is the one a scan lists).
+    directories: HashMap<i32, PathBuf>,
+    /// Where the files seen finished go (see `ManifestSource::watch`); None: wake-ups only.
+    finished: Option<Finished>,
 }
 
 impl ManifestEvents {
     /// Watches each path that is a directory, and the directory of each path that is a file (so
-    /// that a file replaced by rename is seen). Paths that do not exist yet are left to the poll.
-    pub fn watch(paths: &[PathBuf]) -> Result<Self> {
+    /// that a file replaced by rename is seen), recording in `finished` every file whose writer
+    /// finished. Paths that do not exist yet are left to the poll.
+    pub(super) fn watch_into(paths: &[PathBuf], finished: Option<Finished>) -> Result<Self> {
         // SAFETY: inotify_init1 takes no pointers; a non-negative result is a new descriptor that
         // nothing else owns.
         let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
@@ -43,20 +57,22 @@ impl ManifestEvents {
         }
         // SAFETY: `fd` is a fresh descriptor owned by nothing else (see above).
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let mut directories = HashMap::new();
         for path in paths {
+            // Events name files under the directory as the paths do (a file named without a
+            // directory lies in the current one).
             let dir = if path.is_dir() {
-                Some(path.as_path())
+                path.clone()
             } else {
-                path.parent().map(|p| {
-                    if p.as_os_str().is_empty() {
-                        Path::new(".")
-                    } else {
-                        p
-                    }
-                })
+                path.parent().map(Path::to_owned).unwrap_or_default()
             };
-            if let Some(dir) = dir.filter(|dir| dir.is_dir()) {
-                add_watch(&fd, dir)?;
+            let watched = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                &dir
+            };
+            if watched.is_dir() {
+                directories.insert(add_watch(&fd, watched)?, dir);
             }
         }
         // SAFETY: the OwnedFd is moved into the AsyncFd, which owns it until dropped, so the
@@ -64,7 +80,11 @@ impl ManifestEvents {
         let inotify = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
             .map_err(io::Error::from)
             .context("registering the inotify descriptor")?;
-        Ok(Self { inotify })
+        Ok(Self {
+            inotify,
+            directories,
+            finished,
+        })
     }
 
     /// Waits until at least one event arrived, and consumes every event queued so far (a burst
@@ -80,6 +100,7 @@ impl ManifestEvents {
                 let read = unsafe { libc::read(fd, buffer.as_mut_ptr().cast(), buffer.len()) };
                 if read > 0 {
                     drained_any = true;
+                    self.record_finished(&buffer[..read as usize]);
                     continue;
                 }
                 let error = io::Error::last_os_error();
@@ -94,9 +115,40 @@ impl ManifestEvents {
             }
         }
     }
+
+    /// Records the files that `events` (whole `struct inotify_event`s, as read() returns them)
+    /// say their writers finished, each with its stamp now.
+    fn record_finished(&self, mut events: &[u8]) {
+        let Some(finished) = &self.finished else {
+            return;
+        };
+        let header = mem::size_of::<libc::inotify_event>();
+        while events.len() >= header {
+            // SAFETY: `events` holds at least one header; read_unaligned needs no alignment.
+            let event: libc::inotify_event = unsafe {
+                events
+                    .as_ptr()
+                    .cast::<libc::inotify_event>()
+                    .read_unaligned()
+            };
+            let end = (header + event.len as usize).min(events.len());
+            // The name is NUL-padded.
+            let name = events[header..end].split(|byte| *byte == 0).next();
+            events = &events[end..];
+            let (Some(name), Some(dir)) = (name, self.directories.get(&event.wd)) else {
+                continue;
+            };
+            if event.mask & FINISHED != 0 && !name.is_empty() {
+                let file = dir.join(OsStr::from_bytes(name));
+                let stamp = files::stamp(&file);
+                finished.lock().expect("never poisoned").insert(file, stamp);
+            }
+        }
+    }
 }
 
-fn add_watch(fd: &OwnedFd, dir: &Path) -> Result<()> {
+/// Watches `dir`, and returns the descriptor its events carry.
+fn add_watch(fd: &OwnedFd, dir: &Path) -> Result<i32> {
     let path = CString::new(dir.as_os_str().as_bytes())
         .with_context(|| format!("{} contains a NUL byte", dir.display()))?;
     // SAFETY: `path` is a valid NUL-terminated string for the duration of the call.
@@ -105,7 +157,7 @@ fn add_watch(fd: &OwnedFd, dir: &Path) -> Result<()> {
         return Err(io::Error::last_os_error())
             .with_context(|| format!("cannot watch {} for changes", dir.display()));
     }
-    Ok(())
+    Ok(watch)
 }
 
 #[cfg(test)]
@@ -119,7 +171,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("notify-test-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
-        let events = ManifestEvents::watch(std::slice::from_ref(&dir)).unwrap();
+        let events = ManifestEvents::watch_into(std::slice::from_ref(&dir), None).unwrap();
         let staged = std::env::temp_dir().join(format!("notify-staged-{}", std::process::id()));
         fs::write(&staged, "kind: Service\n").unwrap();
         fs::rename(&staged, dir.join("svc.yaml")).unwrap();

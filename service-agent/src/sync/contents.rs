@@ -69,31 +69,148 @@ pub enum MapOp {
     DeleteFrontendAddress(u32),
 }
 
-/// Ids that must never be handed out twice while a conntrack entry could still name them.
-#[derive(Clone, Debug)]
-pub struct IdAllocator {
-    next_backend_id: u32,
-    next_rev_nat_id: u32,
+/// The maps a plan writes, one per kind of [`MapContents`] entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServiceMap {
+    Services,
+    Backends,
+    RevNat,
+    FrontendAddresses,
 }
 
-impl IdAllocator {
-    /// Starts past every id the maps already hold (after an agent restart over pinned maps).
-    pub fn after(contents: &MapContents) -> Self {
-        let next = |ids: Option<&u32>| ids.map_or(1, |id| id + 1);
-        Self {
-            next_backend_id: next(contents.backends.keys().next_back()),
-            next_rev_nat_id: next(contents.rev_nat.keys().next_back()),
+impl MapOp {
+    pub fn map(&self) -> ServiceMap {
+        match self {
+            MapOp::PutService(..) | MapOp::DeleteService(_) => ServiceMap::Services,
+            MapOp::PutBackend(..) | MapOp::DeleteBackend(_) => ServiceMap::Backends,
+            MapOp::PutRevNat(..) | MapOp::DeleteRevNat(_) => ServiceMap::RevNat,
+            MapOp::PutFrontendAddress(_) | MapOp::DeleteFrontendAddress(_) => {
+                ServiceMap::FrontendAddresses
+            }
         }
     }
 
+    /// Deletes free room; puts may need it.
+    pub fn is_delete(&self) -> bool {
+        matches!(
+            self,
+            MapOp::DeleteService(_)
+                | MapOp::DeleteRevNat(_)
+                | MapOp::DeleteBackend(_)
+                | MapOp::DeleteFrontendAddress(_)
+        )
+    }
+}
+
+/// The next backend id and the next rev-NAT id to hand out. Recorded in the pinned
+/// `ID_WATERMARKS` map before any write uses an id below them, so that an agent started over the
+/// maps (after a crash, an upgrade) never hands out an id a conntrack entry may still name, even
+/// one whose backend or frontend is gone from the maps.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextIds {
+    pub backend: u32,
+    pub rev_nat: u32,
+}
+
+/// Ids that must never be handed out twice while a conntrack entry could still name them.
+#[derive(Clone, Debug)]
+pub struct IdAllocator {
+    next: NextIds,
+}
+
+impl IdAllocator {
+    /// Starts past every id the maps hold and past the ids a previous agent recorded (0: none).
+    pub fn resume(contents: &MapContents, recorded: NextIds) -> Self {
+        let mut ids = Self {
+            next: NextIds {
+                backend: recorded.backend.max(1),
+                rev_nat: recorded.rev_nat.max(1),
+            },
+        };
+        ids.skip_past(contents);
+        ids
+    }
+
+    /// Moves past every id `contents` holds: ids never go back, whatever the maps say.
+    pub fn skip_past(&mut self, contents: &MapContents) {
+        let after = |ids: Option<&u32>| ids.map_or(0, |id| id.saturating_add(1));
+        let next = &mut self.next;
+        next.backend = next
+            .backend
+            .max(after(contents.backends.keys().next_back()));
+        next.rev_nat = next.rev_nat.max(after(contents.rev_nat.keys().next_back()));
+    }
+
+    /// The ids not handed out yet: what `ID_WATERMARKS` must hold before any of the others is
+    /// written to the maps.
+    pub fn next(&self) -> NextIds {
+        self.next
+    }
+
     pub fn backend(&mut self) -> u32 {
-        self.next_backend_id += 1;
-        self.next_backend_id - 1
+        self.next.backend += 1;
+        self.next.backend - 1
     }
 
     pub fn rev_nat(&mut self) -> u32 {
-        self.next_rev_nat_id += 1;
-        self.next_rev_nat_id - 1
+        self.next.rev_nat += 1;
+        self.next.rev_nat - 1
+    }
+}
+
+/// What a plan's first phase deletes on the way from `current` to `desired`: every frontend
+/// `desired` does not have (its slot-0 key and all its slots), the rev-NAT entries that neither
+/// `desired` nor a remaining frontend names, and the backends that neither `desired` nor a
+/// remaining slot names.
+///
+/// The first phase only deletes, in [`diff`]'s order, so it needs no room in any map and exposes
+/// no half-written frontend; the second phase, the rest of the diff, then finds the room the
+/// first freed (a full map no longer fails a plan that removes as much as it adds). A backend or
+/// rev-NAT entry that `desired` keeps (one moving from a deleted Service to another, with its
+/// id) stays in place: deleting and re-adding it would cut its flows.
+pub fn dropped(current: &MapContents, desired: &MapContents) -> MapContents {
+    let frontend_dropped = |key: &ServiceKeyV4| {
+        !desired
+            .services
+            .contains_key(&ServiceKeyV4 { slot: 0, ..*key })
+    };
+    let mut dropped = MapContents::default();
+    let unwanted_rev_nat: BTreeSet<u32> = (current.rev_nat.keys())
+        .filter(|id| !desired.rev_nat.contains_key(id))
+        .copied()
+        .collect();
+    let unwanted_backends: BTreeSet<u32> = (current.backends.keys())
+        .filter(|id| !desired.backends.contains_key(id))
+        .copied()
+        .collect();
+    let (mut named_rev_nat, mut named_backends) = (BTreeSet::new(), BTreeSet::new());
+    for (key, entry) in &current.services {
+        if frontend_dropped(key) {
+            dropped.services.insert(*key, *entry);
+        } else if key.slot == 0 && unwanted_rev_nat.contains(&entry.rev_nat_id) {
+            named_rev_nat.insert(entry.rev_nat_id);
+        } else if key.slot != 0 && unwanted_backends.contains(&entry.backend_id) {
+            named_backends.insert(entry.backend_id);
+        }
+    }
+    for id in unwanted_rev_nat.difference(&named_rev_nat) {
+        dropped.rev_nat.insert(*id, current.rev_nat[id]);
+    }
+    for id in unwanted_backends.difference(&named_backends) {
+        dropped.backends.insert(*id, current.backends[id]);
+    }
+    dropped
+}
+
+impl MapContents {
+    /// Whether `op` deletes an entry this holds.
+    pub fn deleted_by(&self, op: &MapOp) -> bool {
+        match op {
+            MapOp::DeleteService(key) => self.services.contains_key(key),
+            MapOp::DeleteRevNat(id) => self.rev_nat.contains_key(id),
+            MapOp::DeleteBackend(id) => self.backends.contains_key(id),
+            _ => false,
+        }
     }
 }
 

@@ -8,7 +8,7 @@
 //! entry lives while some share holds it.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, hash_map::Entry},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet, hash_map::Entry},
     sync::Arc,
     time::SystemTime,
 };
@@ -16,7 +16,7 @@ use std::{
 use service_common::{BackendV4, ServiceKeyV4};
 
 use super::{
-    contents::{IdAllocator, MapContents, MapOp, diff},
+    contents::{IdAllocator, MapContents, MapOp, NextIds, diff, dropped},
     plan::{PlanContext, plan_service, wanted_frontends},
 };
 use crate::model::{DesiredState, Node, Service, ServiceName};
@@ -45,7 +45,8 @@ pub struct Plan {
 
 pub struct Ledger {
     node: Node,
-    /// What the maps hold: read once at start, then kept in step with every successful write.
+    /// What the maps hold: read at start and after a failed sync, then kept in step with every
+    /// successful write.
     current: MapContents,
     ids: IdAllocator,
     /// The id of each backend some share holds (at start: each backend the maps hold).
@@ -56,16 +57,19 @@ pub struct Ledger {
     address_users: HashMap<u32, usize>,
     planned: BTreeMap<ServiceName, Planned>,
     claims: HashMap<ServiceKeyV4, BTreeSet<Claimant>>,
-    /// Set at start and after a failed write: the next plan compares the whole of the maps with
-    /// the whole of the shares (removing what a previous agent left), not only changed shares.
+    /// Set at start and after a reload: the next plan compares the whole of the maps with the
+    /// whole of the shares (removing what a previous agent or a failed sync left), not only
+    /// changed shares.
     full: bool,
 }
 
 impl Ledger {
-    pub fn new(current: MapContents, node: Node) -> Self {
+    /// Starts from what the maps hold, handing out ids past those and past `recorded` (the
+    /// watermarks a previous agent left beside the maps).
+    pub fn new(current: MapContents, recorded: NextIds, node: Node) -> Self {
         Ledger {
             node,
-            ids: IdAllocator::after(&current),
+            ids: IdAllocator::resume(&current, recorded),
             backend_ids: current.backends.iter().map(|(id, b)| (*b, *id)).collect(),
             current,
             backend_users: HashMap::new(),
@@ -85,14 +89,53 @@ impl Ledger {
         self.current.record(op);
     }
 
-    /// A write of the last plan failed: what the maps hold is no longer what the shares say.
-    pub fn write_failed(&mut self) {
+    /// Takes `current` (read back from the maps after a failed sync) as what the maps hold:
+    /// the next plan compares it whole with the shares. Ids keep going up.
+    pub fn reload(&mut self, current: MapContents) {
+        self.ids.skip_past(&current);
+        self.current = current;
         self.full = true;
     }
 
+    /// The ids not handed out yet (see [`NextIds`]).
+    pub fn next_ids(&self) -> NextIds {
+        self.ids.next()
+    }
+
+    /// The Services whose planned shares hold what `ops` put: whom a write that did not fit
+    /// leaves out. A scan of every share, for the failure path only.
+    pub fn services_writing(&self, ops: &[MapOp]) -> Vec<ServiceName> {
+        let (mut services, mut backends, mut rev_nat, mut addresses) = (
+            HashSet::new(),
+            HashSet::new(),
+            HashSet::new(),
+            HashSet::new(),
+        );
+        for op in ops {
+            match op {
+                MapOp::PutService(key, _) => drop(services.insert(*key)),
+                MapOp::PutBackend(id, _) => drop(backends.insert(*id)),
+                MapOp::PutRevNat(id, _) => drop(rev_nat.insert(*id)),
+                MapOp::PutFrontendAddress(address) => drop(addresses.insert(*address)),
+                _ => {}
+            }
+        }
+        (self.planned.iter())
+            .filter(|(_, planned)| {
+                let share = &planned.share;
+                share.services.keys().any(|key| services.contains(key))
+                    || frontend_addresses(share).any(|address| addresses.contains(&address))
+                    || share.backends.keys().any(|id| backends.contains(id))
+                    || share.rev_nat.keys().any(|id| rev_nat.contains(id))
+            })
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
     /// The writes that bring the maps to `desired`, in an order that never exposes a
-    /// half-written frontend. The ledger takes `desired` as planned at once; the caller records
-    /// each write that succeeds, and reports a failed one.
+    /// half-written frontend, removals first (see [`dropped`]). The ledger takes `desired` as
+    /// planned at once; the caller records each write that succeeds, and after a failed one
+    /// reloads what the maps hold.
     pub fn plan(&mut self, desired: &DesiredState) -> Plan {
         let changed = self.changed_services(desired);
         let (dirty, mut new_frontends) = self.update_claims(&changed, desired);
@@ -182,13 +225,16 @@ impl Ledger {
             .difference(&after.frontend_backends())
             .copied()
             .collect();
-        // An address is findable before the first frontend that has it, and stays until the
-        // last one is gone.
-        let mut ops: Vec<MapOp> = (new_addresses.into_iter())
-            .map(MapOp::PutFrontendAddress)
-            .collect();
-        ops.extend(diff(&before, &after));
+        // Removals first, so that what they free is there for what is added: the first phase
+        // only deletes, the second is the rest of the diff. An address goes once the last
+        // frontend that has it is gone (all of them are, after the first phase), and is findable
+        // before the first one that has it.
+        let dropped = dropped(&before, &after);
+        let mut ops = diff(&dropped, &MapContents::default());
         ops.extend(gone_addresses.into_iter().map(MapOp::DeleteFrontendAddress));
+        ops.extend(new_addresses.into_iter().map(MapOp::PutFrontendAddress));
+        let rest = diff(&before, &after).into_iter();
+        ops.extend(rest.filter(|op| !dropped.deleted_by(op)));
         Plan { ops, removed_pairs }
     }
 

@@ -11,7 +11,7 @@ use service_common::{
     BackendV4, RevNatV4, SCOPE_CLUSTER, SERVICE_EXTERNAL, SERVICE_LOCAL, ServiceKeyV4,
 };
 
-use super::{Ledger, MapContents, MapOp, plan::frontend_key};
+use super::{Ledger, MapContents, MapOp, NextIds, plan::frontend_key};
 use crate::model::{
     DesiredState, Endpoint, Node, Protocol, Service, ServiceName, ServicePort, ServiceType,
     TrafficPolicy,
@@ -58,7 +58,7 @@ fn state(services: &[(&str, [u8; 4], Vec<Endpoint>)]) -> DesiredState {
 }
 
 fn fresh() -> Ledger {
-    Ledger::new(MapContents::default(), Node::default())
+    Ledger::new(MapContents::default(), NextIds::default(), Node::default())
 }
 
 /// Plans `desired`, records every write as if the maps took it, and returns the writes and what
@@ -253,7 +253,7 @@ fn local_policy_frontends_also_get_cluster_scope_slots_with_every_endpoint() {
         ips: vec![Ipv4Addr::new(192, 168, 100, 1)],
         name: Some("node-a".into()),
     };
-    let mut ledger = Ledger::new(MapContents::default(), node);
+    let mut ledger = Ledger::new(MapContents::default(), NextIds::default(), node);
     let (_, next) = step(&mut ledger, &desired);
 
     let node_port = frontend_key(Ipv4Addr::new(192, 168, 100, 1), 30080, Protocol::Tcp);
@@ -408,12 +408,14 @@ fn incremental_plans_mean_what_a_plan_from_scratch_means() {
         name: Some("node-0".into()),
     };
     let mut rng = Lcg(7);
-    let mut ledger = Ledger::new(MapContents::default(), node.clone());
+    let mut ledger = Ledger::new(MapContents::default(), NextIds::default(), node.clone());
     let mut desired = DesiredState::default();
     for round in 0..1000 {
         change_one_service(&mut desired, &mut rng);
-        let (_, incremental) = step(&mut ledger, &desired);
-        let mut scratch = Ledger::new(MapContents::default(), node.clone());
+        let previous = ledger.current().clone();
+        let (ops, incremental) = step(&mut ledger, &desired);
+        assert_never_half_written(&previous, &ops, round);
+        let mut scratch = Ledger::new(MapContents::default(), NextIds::default(), node.clone());
         let (_, from_scratch) = step(&mut scratch, &desired);
         let ((frontends, backends), (expected_frontends, expected_backends)) =
             (meaning(&incremental), meaning(&from_scratch));
@@ -509,8 +511,98 @@ fn one_endpoint_change_among_many_services_writes_only_that_service() {
     assert_eq!(kinds, ["backend", "slot", "count"]);
 }
 
+/// Applies `ops` one at a time and checks what a packet could meet after each: every frontend
+/// findable by its address, with its rev-NAT entry, and a count that reaches only slots naming
+/// existing backends.
+fn assert_never_half_written(start: &MapContents, ops: &[MapOp], round: usize) {
+    let mut contents = start.clone();
+    for (at, op) in ops.iter().enumerate() {
+        contents.record(op);
+        for (key, meta) in contents.services.iter().filter(|(key, _)| key.slot == 0) {
+            let context = || format!("round {round}, after write {at} ({op:?}) of {ops:?}");
+            assert!(
+                contents.frontend_addresses.contains(&key.address),
+                "{}",
+                context()
+            );
+            assert!(
+                contents.rev_nat.contains_key(&meta.rev_nat_id),
+                "{}",
+                context()
+            );
+            for slot in 1..=meta.count {
+                let entry = contents.services.get(&ServiceKeyV4 { slot, ..*key });
+                let backend = entry.and_then(|entry| contents.backends.get(&entry.backend_id));
+                assert!(backend.is_some(), "slot {slot} of {key:?}: {}", context());
+            }
+        }
+    }
+}
+
 #[test]
-fn after_a_failed_write_the_next_plan_compares_everything() {
+fn a_plan_that_replaces_a_service_removes_all_of_it_before_adding_anything() {
+    let old = state(&[(
+        "old",
+        [10, 96, 0, 10],
+        vec![endpoint(2, true), endpoint(3, true)],
+    )]);
+    // Another address, one backend of the old Service and one new one.
+    let new = state(&[(
+        "new",
+        [10, 96, 0, 11],
+        vec![endpoint(3, true), endpoint(4, true)],
+    )]);
+    for full in [false, true] {
+        let mut ledger = fresh();
+        let (_, programmed) = step(&mut ledger, &old);
+        if full {
+            // As after a failed sync: the plan compares the whole maps.
+            ledger.reload(programmed.clone());
+        }
+        let moving = programmed
+            .backends
+            .iter()
+            .find(|(_, b)| b.address == u32::from_ne_bytes([10, 244, 0, 3]));
+        let moving = *moving.unwrap().0;
+        let (ops, next) = step(&mut ledger, &new);
+        let last_delete = ops.iter().rposition(MapOp::is_delete).unwrap();
+        let first_put = ops.iter().position(|op| !op.is_delete()).unwrap();
+        assert!(last_delete < first_put, "full: {full}: {ops:?}");
+        assert_eq!(
+            ops.iter().filter(|op| op.is_delete()).count(),
+            // The old frontend's address, count, two slots, rev-NAT entry, and one backend.
+            6,
+            "full: {full}: {ops:?}"
+        );
+        // The backend both Services use keeps its entry and its id: its flows go on.
+        assert!(
+            !ops.iter().any(|op| matches!(op,
+                MapOp::PutBackend(id, _) | MapOp::DeleteBackend(id) if *id == moving)),
+            "full: {full}: {ops:?}"
+        );
+        assert!(next.backends.contains_key(&moving));
+        assert_eq!(apply(&programmed, &ops), next);
+        assert_eq!(meaning(&next), meaning(&step(&mut fresh(), &new).1));
+    }
+}
+
+#[test]
+fn a_frontend_that_stays_gets_its_new_rev_nat_entry_before_the_old_one_goes() {
+    let desired = state(&[("web", [10, 96, 0, 10], vec![endpoint(2, true)])]);
+    let (_, mut maps) = step(&mut fresh(), &desired);
+    // Maps from somewhere else, whose rev-NAT entry does not say the frontend: it gets a new id,
+    // and the frontend names the old one until then.
+    let old_id = *maps.rev_nat.keys().next().unwrap();
+    maps.rev_nat.get_mut(&old_id).unwrap().address = u32::from_ne_bytes([10, 96, 9, 9]);
+    let mut ledger = Ledger::new(maps.clone(), NextIds::default(), Node::default());
+    let (ops, next) = step(&mut ledger, &desired);
+    assert_never_half_written(&maps, &ops, 0);
+    assert!(!next.rev_nat.contains_key(&old_id), "{ops:?}");
+    assert_eq!(meaning(&next), meaning(&step(&mut fresh(), &desired).1));
+}
+
+#[test]
+fn after_a_failed_sync_the_next_plan_starts_from_what_the_maps_hold() {
     let desired = state(&[(
         "web",
         [10, 96, 0, 10],
@@ -518,10 +610,21 @@ fn after_a_failed_write_the_next_plan_compares_everything() {
     )]);
     let mut ledger = fresh();
     let plan = ledger.plan(&desired);
-    // Only the first write reached the maps.
+    // The ledger recorded one write, the kernel took two, and something left a stray backend.
     ledger.record(&plan.ops[0]);
-    ledger.write_failed();
-    let (_, contents) = step(&mut ledger, &desired);
-    let mut scratch = fresh();
-    assert_eq!(meaning(&contents), meaning(&step(&mut scratch, &desired).1));
+    let mut maps = apply(&MapContents::default(), &plan.ops[..2]);
+    let stray = BackendV4 {
+        address: u32::from_ne_bytes([10, 244, 9, 9]),
+        ..BackendV4::default()
+    };
+    maps.backends.insert(99, stray);
+    ledger.reload(maps.clone());
+    let (ops, contents) = step(&mut ledger, &desired);
+    assert_eq!(apply(&maps, &ops), contents, "the plan applies to the maps");
+    assert!(!contents.backends.contains_key(&99));
+    assert_eq!(meaning(&contents), meaning(&step(&mut fresh(), &desired).1));
+    // Ids go on past what the maps hold.
+    let other = state(&[("web", [10, 96, 0, 10], vec![endpoint(7, true)])]);
+    let (_, contents) = step(&mut ledger, &other);
+    assert!(contents.backends.keys().all(|id| *id > 99), "{contents:?}");
 }

@@ -27,6 +27,8 @@ const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 10);
 /// examples/web.yaml: Service `web` in the default namespace, port 80.
 const SERVICE: (&str, &str, u16) = ("default", "web", 80);
 const REQUESTS: usize = 30;
+/// Requests sent once the agent has stopped, to show the datapath outlives it.
+const AFTER_STOP_REQUESTS: usize = 5;
 
 fn main() -> ExitCode {
     if !privileged("the demo") {
@@ -88,9 +90,28 @@ fn demo() -> Result<()> {
         println!("  {backend:<22} {count:>2}  {}", "#".repeat(*count));
     }
 
-    println!("\nTearing down: SIGTERM to the agent, then the namespaces");
+    println!("\nSIGTERM to the agent: the programs and maps stay pinned, and keep serving");
+    let pin_dir = agent.pin_dir().to_path_buf();
     let status = agent.stop()?;
     ensure!(status.success(), "the agent exited with {status}");
+    for request in 1..=AFTER_STOP_REQUESTS {
+        let backend = client.tcp_request(web)?;
+        println!("  {request:>2}  answered by {backend} (no agent running)");
+    }
+
+    println!("\n$ service-agent cleanup --pin-dir {}", pin_dir.display());
+    let output = agent::cleanup(&pin_dir)?;
+    ensure!(
+        output.status.success(),
+        "cleanup failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    print!("{}", String::from_utf8_lossy(&output.stdout));
+    ensure!(
+        client.tcp_request(web).is_err(),
+        "{web} still answers after cleanup"
+    );
+    println!("  {web} no longer answers; removing the namespaces");
     Ok(())
 }
 

@@ -31,6 +31,8 @@ pub struct Packet {
 
 /// TCP flags for [`Packet::tcp_flags`].
 pub const TCP_SYN: u8 = 0x02;
+pub const TCP_SYN_ACK: u8 = 0x12;
+pub const TCP_ACK: u8 = 0x10;
 pub const TCP_FIN_ACK: u8 = 0x11;
 pub const TCP_RST: u8 = 0x04;
 

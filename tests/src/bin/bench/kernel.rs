@@ -25,6 +25,7 @@ use service_agent::{
     },
     sync::Syncer,
 };
+use service_common::ConntrackLifetimes;
 
 use crate::packets::{Packet, TCP, TCP_RST};
 
@@ -79,12 +80,16 @@ impl Hook {
 pub fn measure(sizes: &[usize], flows: u16) -> Result<Vec<PacketCosts>> {
     let mut beds = Vec::new();
     for &services in sizes {
-        let mut dataplane = Dataplane::load(None).context("cannot load the dataplane")?;
+        let mut dataplane = Dataplane::load_unpinned().context("cannot load the dataplane")?;
         let node = Node {
             ips: vec![NODE_IP],
             name: Some("bench-node".into()),
         };
-        dataplane.maps.set_node(&node, SocketLbScope::NodeAndPods)?;
+        dataplane.maps.set_node(
+            &node,
+            SocketLbScope::NodeAndPods,
+            ConntrackLifetimes::DEFAULT,
+        )?;
         let mut syncer = Syncer::new(&dataplane.maps, node)?;
         syncer
             .sync(&desired_state(services), &mut dataplane.maps)

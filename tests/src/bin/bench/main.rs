@@ -5,6 +5,7 @@
 //! produced figures (never a check of how fast).
 
 mod api;
+mod faults;
 mod kernel;
 mod load;
 mod modes;
@@ -36,8 +37,8 @@ use crate::{
 #[derive(Parser)]
 #[command(about = "Benchmark the dataplane against kube-proxy's rule shapes and the routing limit")]
 struct Args {
-    /// Smoke run: 10 and 1,000 services, 2 s runs, one round; checks that every mode produced
-    /// figures. Writes to target/bench-quick/ unless --output is given.
+    /// Smoke run: 10 and 1,000 services, 2 s runs, one round, short faults; checks that every
+    /// mode produced figures. Writes to target/bench-quick/ unless --output is given.
     #[arg(long)]
     quick: bool,
     /// Numbers of services to measure.
@@ -58,6 +59,11 @@ struct Args {
     /// Rounds over all modes; figures are medians over rounds.
     #[arg(long)]
     rounds: Option<usize>,
+    /// Only the fault table (kill -9 + restart and upgrade under steady load, every mode):
+    /// no sizes, kernel programs or API-server source. Writes to target/bench-faults/ unless
+    /// --output is given (or --quick, for short faults under target/bench-quick/).
+    #[arg(long)]
+    faults_only: bool,
     /// Where the Markdown report goes.
     #[arg(long)]
     output: Option<PathBuf>,
@@ -75,6 +81,7 @@ struct Plan {
     kernel_flows: u16,
     api_sizes: Vec<usize>,
     api_changes: usize,
+    faults: faults::Timing,
     run: Duration,
     rounds: usize,
     output: PathBuf,
@@ -84,13 +91,14 @@ struct Plan {
 impl Args {
     fn plan(self) -> Plan {
         let root = integration_tests::agent::workspace_root();
-        let (sizes, kernel_sizes, kernel_flows, seconds, rounds, dir) = if self.quick {
+        let (sizes, kernel_sizes, kernel_flows, seconds, rounds, faults, dir) = if self.quick {
             (
                 vec![10, 1_000],
                 vec![10, 1_000],
                 2_000,
                 2,
                 1,
+                faults::Timing::QUICK,
                 root.join("target/bench-quick"),
             )
         } else {
@@ -100,7 +108,12 @@ impl Args {
                 20_000,
                 10,
                 3,
-                root.clone(),
+                faults::Timing::FULL,
+                if self.faults_only {
+                    root.join("target/bench-faults")
+                } else {
+                    root.clone()
+                },
             )
         };
         let (api_sizes, api_changes) = if self.quick {
@@ -108,12 +121,21 @@ impl Args {
         } else {
             (vec![1_000, 10_000], 200)
         };
+        // The other tables measure nothing, and their sections are left out.
+        let only_faults = |sizes: Option<Vec<usize>>, default| {
+            if self.faults_only {
+                Vec::new()
+            } else {
+                sizes.unwrap_or(default)
+            }
+        };
         Plan {
-            sizes: self.sizes.unwrap_or(sizes),
-            kernel_sizes: self.kernel_sizes.unwrap_or(kernel_sizes),
+            sizes: only_faults(self.sizes, sizes),
+            kernel_sizes: only_faults(self.kernel_sizes, kernel_sizes),
             kernel_flows,
-            api_sizes: self.api_sizes.unwrap_or(api_sizes),
+            api_sizes: only_faults(self.api_sizes, api_sizes),
             api_changes: self.api_changes.unwrap_or(api_changes),
+            faults,
             run: Duration::from_secs(self.seconds.unwrap_or(seconds)),
             rounds: self.rounds.unwrap_or(rounds),
             output: self.output.unwrap_or_else(|| dir.join("BENCHMARKS.md")),
@@ -138,10 +160,12 @@ fn main() -> ExitCode {
 }
 
 fn bench(plan: Plan, command_line: &str) -> Result<()> {
-    eprintln!(
-        "kernel program: {:?} services, {} flows",
-        plan.kernel_sizes, plan.kernel_flows
-    );
+    if !plan.kernel_sizes.is_empty() {
+        eprintln!(
+            "kernel program: {:?} services, {} flows",
+            plan.kernel_sizes, plan.kernel_flows
+        );
+    }
     let kernel = kernel::measure(&plan.kernel_sizes, plan.kernel_flows)?;
 
     let mut results = Results::new();
@@ -166,7 +190,9 @@ fn bench(plan: Plan, command_line: &str) -> Result<()> {
         api_runs.push(run);
     }
 
-    let text = report::markdown(
+    let fault_runs = faults::measure(plan.faults)?;
+
+    let mut text = report::markdown(
         &results,
         &kernel,
         &report::RunDescription {
@@ -175,27 +201,30 @@ fn bench(plan: Plan, command_line: &str) -> Result<()> {
             seconds_per_run: plan.run.as_secs(),
         },
     );
-    println!("{text}{}", api::markdown(&api_runs));
+    if !api_runs.is_empty() {
+        text.push_str(&api::markdown(&api_runs));
+    }
+    text.push_str(&report::fault_table(&fault_runs, plan.faults));
+    println!("{text}");
     if let Some(dir) = plan.output.parent() {
         fs::create_dir_all(dir)?;
     }
-    let chart_name = plan
-        .chart
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let text = format!(
-        "{text}{}\n![connections per second against services]({chart_name})\n",
-        api::markdown(&api_runs)
-    );
+    // --faults-only measured no sizes: nothing to chart.
+    if !results.is_empty() {
+        let chart_name = plan
+            .chart
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        text.push_str(&format!(
+            "\n![connections per second against services]({chart_name})\n"
+        ));
+        report::chart(&results, &plan.chart)?;
+        eprintln!("wrote {}", plan.chart.display());
+    }
     fs::write(&plan.output, text)
         .with_context(|| format!("cannot write {}", plan.output.display()))?;
-    report::chart(&results, &plan.chart)?;
-    eprintln!(
-        "wrote {} and {}",
-        plan.output.display(),
-        plan.chart.display()
-    );
+    eprintln!("wrote {}", plan.output.display());
     Ok(())
 }
 

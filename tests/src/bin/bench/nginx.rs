@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use integration_tests::{netns, poll::eventually, topology::Pod};
+use integration_tests::{netns, poll::eventually, process::wait_within, topology::Pod};
 
 use crate::services::HTTP_TARGET_PORT;
 
@@ -44,11 +44,23 @@ impl Nginx {
 }
 
 impl Drop for Nginx {
+    /// SIGTERM, nginx's fast shutdown: the master stops its worker and waits for it. SIGKILL
+    /// would leave the worker running, orphaned, holding the pod's port.
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Ok(pid) = libc::pid_t::try_from(self.child.id()) {
+            // SAFETY: kill has no memory effects; the child is not reaped yet, so the pid is ours.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        if wait_within(&mut self.child, STOP_TIMEOUT).is_err() {
+            eprintln!("warning: nginx did not stop on SIGTERM; killing it");
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
+
+/// How long nginx may take to stop its worker and exit.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn config_text(dir: &Path, pod: &str) -> String {
     let path = |name: &str| -> PathBuf { dir.join(name) };

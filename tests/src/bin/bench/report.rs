@@ -2,12 +2,14 @@
 //! kube-proxy mode of the same run, as a Markdown report (printed and written to BENCHMARKS.md)
 //! and a chart of connections per second against the number of services.
 
-use std::{collections::BTreeMap, fmt::Write, fs, path::Path};
+use std::{collections::BTreeMap, fmt::Write, fs, path::Path, time::Duration};
 
 use anyhow::{Context, Result};
+use integration_tests::steady_load::{EXCHANGE_PAUSE, REQUEST_PAUSE, REQUEST_TIMEOUT};
 use plotters::prelude::*;
 
 use crate::{
+    faults::{self, FaultRun, Timing},
     kernel::{PacketCosts, median},
     load::LoadFigures,
     modes::{Mode, Programming},
@@ -75,23 +77,31 @@ pub fn markdown(results: &Results, kernel: &[PacketCosts], context: &RunDescript
     )
     .unwrap();
     out.push_str(METHOD);
+    if !results.is_empty() {
+        load_tables(&mut out, results);
+    }
+    kernel_table(&mut out, kernel);
+    out
+}
 
+/// The four load tables and the programming table.
+fn load_tables(out: &mut String, results: &Results) {
     load_table(
-        &mut out,
+        out,
         "New TCP connections per second (one HTTP request each)",
         ("conn/s", "errors"),
         results,
         |summary| summary.tcp,
     );
     load_table(
-        &mut out,
+        out,
         "UDP request/response per second",
         ("req/s", "unanswered"),
         results,
         |summary| summary.udp,
     );
     load_table(
-        &mut out,
+        out,
         "NodePort from outside the cluster: new TCP connections per second (one HTTP request each; \
          base: the client reaches the pods through the node's routing)",
         ("conn/s", "errors"),
@@ -99,7 +109,7 @@ pub fn markdown(results: &Results, kernel: &[PacketCosts], context: &RunDescript
         |summary| summary.node_port,
     );
     load_table(
-        &mut out,
+        out,
         "Not a service: new TCP connections per second from the client pod straight to the pod \
          IPs, with each mode's dataplane on the node (base: the same load, measured once)",
         ("conn/s", "errors"),
@@ -145,7 +155,10 @@ pub fn markdown(results: &Results, kernel: &[PacketCosts], context: &RunDescript
         )
         .unwrap();
     }
+}
 
+/// The kernel programs' costs per packet, when they were measured.
+fn kernel_table(out: &mut String, kernel: &[PacketCosts]) {
     if !kernel.is_empty() {
         writeln!(
             out,
@@ -192,7 +205,6 @@ pub fn markdown(results: &Results, kernel: &[PacketCosts], context: &RunDescript
             .unwrap();
         }
     }
-    out
 }
 
 /// One load's table: a row per size and mode with the rate, its ratios, latencies and failures.
@@ -229,6 +241,53 @@ fn load_table(
             .unwrap();
         }
     }
+}
+
+/// The fault table: a row per mode and fault, with what the steady load met.
+pub fn fault_table(runs: &[FaultRun], timing: Timing) -> String {
+    let seconds = |duration: Duration| format!("{:.1}", duration.as_secs_f64());
+    let millis = |duration: Duration| duration.as_millis();
+    let mut out = format!(
+        "\n## Faults under steady load: the proxy killed and restarted, or upgraded\n\n\
+         {} services. Six streams at once, each with one request in flight, the next {} ms after \
+         each answer ({} ms on a long-lived connection), a request failing without a right answer \
+         within {} s: from the client pod, UDP request/response, a new TCP connection per request \
+         and one long-lived TCP connection to the ClusterIP; from the client outside the cluster, \
+         the same three through the NodePort. The load runs {} s before the fault and {} s after \
+         the new proxy is up. *kill -9 + restart*: SIGKILL, {} s without a proxy, then a new one; \
+         *upgrade*: SIGTERM and a new one at once (a DaemonSet's rolling update). The longest gap \
+         is the longest time one stream went without an answer; a long-lived connection breaks \
+         on its first failed exchange. kube-proxy's rows: its rules stay in the kernel while it is \
+         down, and a new kube-proxy begins with a full sync that loads the same rules again \
+         (`iptables-legacy-restore`; one `nft -f` transaction that flushes its table and fills \
+         it again), so they show what that reload costs flowing traffic, not a proxy's absence. \
+         Ours must read 0 failed: its datapath stays pinned in the kernel while no agent runs, \
+         and the new agent adopts it.\n\n\
+         | mode | fault | requests | failed | longest gap | broken long-lived connections |\n\
+         |---|---|---:|---:|---:|---:|\n",
+        faults::SERVICES,
+        millis(REQUEST_PAUSE),
+        millis(EXCHANGE_PAUSE),
+        seconds(REQUEST_TIMEOUT),
+        seconds(timing.before),
+        seconds(timing.after),
+        seconds(timing.down),
+    );
+    for run in runs {
+        let report = &run.report;
+        writeln!(
+            out,
+            "| {} | {} | {} | {} | {} ms | {} |",
+            run.mode,
+            run.fault,
+            report.sent(),
+            report.failed(),
+            millis(report.longest_gap()),
+            report.broken()
+        )
+        .unwrap();
+    }
+    out
 }
 
 const METHOD: &str = "\

@@ -1,174 +1,27 @@
-//! Loading the kernel programs, owning their maps and pins.
-
-pub mod batch;
+//! Typed handles on the service maps, and the writes the syncer and the agent make to them.
 
 use std::{
-    fs, mem,
+    mem,
     os::fd::{AsFd as _, AsRawFd, FromRawFd, OwnedFd},
-    path::{Path, PathBuf},
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 use aya::{
-    Ebpf, EbpfLoader, Pod,
-    maps::{Array, DevMapHash, HashMap, IterableMap as _, MapData},
-    programs::{CgroupSockAddr, SchedClassifier, Xdp},
+    Ebpf, Pod,
+    maps::{Array, HashMap, IterableMap as _, MapData},
 };
 use service_common::{
     BACKENDS_V4_MAP, BackendV4, CONNTRACK_V4_MAP, ConntrackEntryV4, ConntrackKeyV4,
-    FRONTEND_ADDRESSES_V4_MAP, NODE_SOCKET_LB_PODS, NODE_V4_MAP, NodeV4, PIN_LAYOUT,
-    REV_NAT_V4_MAP, RevNatV4, SERVICES_V4_MAP, SOCKET_REV_NAT_V4_MAP, ServiceEntry, ServiceKeyV4,
-    XDP_EGRESS_MAP,
+    ConntrackLifetimes, FRONTEND_ADDRESSES_V4_MAP, ID_WATERMARK_BACKEND, ID_WATERMARK_REV_NAT,
+    ID_WATERMARKS_MAP, NODE_SOCKET_LB_PODS, NODE_V4_MAP, NodeV4, REV_NAT_V4_MAP, RevNatV4,
+    SERVICES_V4_MAP, ServiceEntry, ServiceKeyV4,
 };
 
+use super::batch;
 use crate::{
     model::Node,
     sync::{MapContents, MapOp},
 };
-
-/// The kernel object, compiled by build.rs.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/service-ebpf"));
-
-/// The maps pinned (and so kept across agent restarts): services, and the flows and sockets
-/// translated to them (a connected UDP socket keeps reporting its service across a restart).
-const PINNED_MAPS: [&str; 6] = [
-    SERVICES_V4_MAP,
-    FRONTEND_ADDRESSES_V4_MAP,
-    BACKENDS_V4_MAP,
-    REV_NAT_V4_MAP,
-    CONNTRACK_V4_MAP,
-    SOCKET_REV_NAT_V4_MAP,
-];
-
-/// The TC programs: one at ingress of pod-facing links, one at ingress of external links.
-pub const POD_INGRESS_PROGRAM: &str = "pod_ingress";
-pub const EXTERNAL_INGRESS_PROGRAM: &str = "external_ingress";
-/// The XDP program of external links, ahead of `external_ingress` (see `xdp`).
-pub const EXTERNAL_XDP_PROGRAM: &str = "external_xdp";
-
-/// The cgroup sock_addr programs that translate the node's own sockets (see `socket_hooks`).
-pub const SOCKET_PROGRAMS: [&str; 4] = [
-    "sock_connect4",
-    "sock_sendmsg4",
-    "sock_recvmsg4",
-    "sock_getpeername4",
-];
-
-pub struct Dataplane {
-    ebpf: Ebpf,
-    pub maps: ServiceMaps,
-    /// The links `external_xdp` may redirect to. Not pinned: it lists this agent's attachments.
-    pub xdp_egress: DevMapHash<MapData>,
-    /// Where the maps are pinned, if they are.
-    pin_dir: Option<PathBuf>,
-}
-
-impl Dataplane {
-    /// Loads the programs. With `pin_root`, the maps are pinned under it (and reused when a
-    /// previous agent left them there: its services and flows survive the restart).
-    pub fn load(pin_root: Option<&Path>) -> Result<Self> {
-        if EBPF_OBJECT.is_empty() {
-            bail!("this agent was built with AYA_BUILD_SKIP=1 and carries no eBPF object");
-        }
-        let mut loader = EbpfLoader::new();
-        let pin_dir = pin_root.map(|root| root.join(PIN_LAYOUT));
-        if let Some(dir) = &pin_dir {
-            fs::create_dir_all(dir).with_context(|| {
-                format!(
-                    "creating the pin directory {} (is bpffs mounted?)",
-                    dir.display()
-                )
-            })?;
-            for name in PINNED_MAPS {
-                loader.map_pin_path(name, dir.join(name));
-            }
-        }
-        let mut ebpf = loader
-            .load(EBPF_OBJECT)
-            .context("loading the eBPF object (are you root, on a kernel with BTF?)")?;
-        for name in [POD_INGRESS_PROGRAM, EXTERNAL_INGRESS_PROGRAM] {
-            let program: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .with_context(|| format!("the object has no {name} program"))?
-                .try_into()?;
-            program
-                .load()
-                .with_context(|| format!("the verifier rejected {name}"))?;
-        }
-        for name in SOCKET_PROGRAMS {
-            let program: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .with_context(|| format!("the object has no {name} program"))?
-                .try_into()?;
-            program
-                .load()
-                .with_context(|| format!("the verifier rejected {name}"))?;
-        }
-        let program: &mut Xdp = ebpf
-            .program_mut(EXTERNAL_XDP_PROGRAM)
-            .with_context(|| format!("the object has no {EXTERNAL_XDP_PROGRAM} program"))?
-            .try_into()?;
-        program
-            .load()
-            .with_context(|| format!("the verifier rejected {EXTERNAL_XDP_PROGRAM}"))?;
-        let xdp_egress = DevMapHash::try_from(
-            ebpf.take_map(XDP_EGRESS_MAP)
-                .with_context(|| format!("the object has no {XDP_EGRESS_MAP} map"))?,
-        )?;
-        let maps = ServiceMaps::take(&mut ebpf)?;
-        Ok(Self {
-            ebpf,
-            maps,
-            xdp_egress,
-            pin_dir,
-        })
-    }
-
-    /// One of the TC programs, by name ([`POD_INGRESS_PROGRAM`], [`EXTERNAL_INGRESS_PROGRAM`]).
-    pub fn tc_program(&mut self, name: &str) -> &mut SchedClassifier {
-        self.ebpf
-            .program_mut(name)
-            .and_then(|program| program.try_into().ok())
-            .expect("every TC program is loaded in Dataplane::load")
-    }
-
-    /// The XDP program and the map of the links it may redirect to.
-    pub fn xdp_program(&mut self) -> (&mut Xdp, &mut DevMapHash<MapData>) {
-        let program = self
-            .ebpf
-            .program_mut(EXTERNAL_XDP_PROGRAM)
-            .and_then(|program| program.try_into().ok())
-            .expect("the XDP program is loaded in Dataplane::load");
-        (program, &mut self.xdp_egress)
-    }
-
-    /// One of the [`SOCKET_PROGRAMS`], by name.
-    pub fn socket_program(&mut self, name: &str) -> &mut CgroupSockAddr {
-        self.ebpf
-            .program_mut(name)
-            .and_then(|program| program.try_into().ok())
-            .expect("every socket program is loaded in Dataplane::load")
-    }
-
-    /// Removes the pins (the maps themselves go when the last program or fd holding them does).
-    pub fn remove_pins(&self) -> Result<()> {
-        let Some(dir) = &self.pin_dir else {
-            return Ok(());
-        };
-        for name in PINNED_MAPS {
-            let path = dir.join(name);
-            if path.exists() {
-                fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
-            }
-        }
-        fs::remove_dir(dir).with_context(|| format!("removing {}", dir.display()))?;
-        if let Some(root) = dir.parent() {
-            // Only if empty: the root may hold other things that are not ours.
-            let _ = fs::remove_dir(root);
-        }
-        Ok(())
-    }
-}
 
 /// Typed handles on the maps.
 pub struct ServiceMaps {
@@ -178,10 +31,11 @@ pub struct ServiceMaps {
     pub rev_nat: HashMap<MapData, u32, RevNatV4>,
     pub conntrack: HashMap<MapData, ConntrackKeyV4, ConntrackEntryV4>,
     pub node: Array<MapData, NodeV4>,
+    id_watermarks: Array<MapData, u32>,
 }
 
 impl ServiceMaps {
-    fn take(ebpf: &mut Ebpf) -> Result<Self> {
+    pub(super) fn take(ebpf: &mut Ebpf) -> Result<Self> {
         let mut take = |name: &str| {
             ebpf.take_map(name)
                 .with_context(|| format!("the object has no {name} map"))
@@ -193,13 +47,60 @@ impl ServiceMaps {
             rev_nat: HashMap::try_from(take(REV_NAT_V4_MAP)?)?,
             conntrack: HashMap::try_from(take(CONNTRACK_V4_MAP)?)?,
             node: Array::try_from(take(NODE_V4_MAP)?)?,
+            id_watermarks: Array::try_from(take(ID_WATERMARKS_MAP)?)?,
         })
     }
 
+    /// The next backend id and the next rev-NAT id that a previous agent recorded before
+    /// handing them out (0 on new maps): ids below them may still be named by conntrack.
+    pub fn id_watermarks(&self) -> Result<(u32, u32)> {
+        let read = |index| {
+            self.id_watermarks
+                .get(&index, 0)
+                .with_context(|| format!("reading {ID_WATERMARKS_MAP}[{index}]"))
+        };
+        Ok((read(ID_WATERMARK_BACKEND)?, read(ID_WATERMARK_REV_NAT)?))
+    }
+
+    /// Records the next ids this agent will hand out: written before the writes that use them.
+    pub fn set_id_watermarks(&mut self, backend: u32, rev_nat: u32) -> Result<()> {
+        for (index, next) in [
+            (ID_WATERMARK_BACKEND, backend),
+            (ID_WATERMARK_REV_NAT, rev_nat),
+        ] {
+            self.id_watermarks
+                .set(index, next, 0)
+                .with_context(|| format!("writing {ID_WATERMARKS_MAP}[{index}]"))?;
+        }
+        Ok(())
+    }
+
+    /// The map `op` writes to, and the most entries it holds (for messages about a full map).
+    pub fn target_of(&self, op: &MapOp) -> (&'static str, u32) {
+        let (name, map) = match op {
+            MapOp::PutBackend(..) | MapOp::DeleteBackend(_) => {
+                (BACKENDS_V4_MAP, self.backends.map())
+            }
+            MapOp::PutRevNat(..) | MapOp::DeleteRevNat(_) => (REV_NAT_V4_MAP, self.rev_nat.map()),
+            MapOp::PutService(..) | MapOp::DeleteService(_) => {
+                (SERVICES_V4_MAP, self.services.map())
+            }
+            MapOp::PutFrontendAddress(_) | MapOp::DeleteFrontendAddress(_) => {
+                (FRONTEND_ADDRESSES_V4_MAP, self.frontend_addresses.map())
+            }
+        };
+        (name, map.info().map_or(0, |info| info.max_entries()))
+    }
+
     /// Tells the kernel side which address SNATed flows leave with (0: none), which network
-    /// namespace is the node's (the agent's own), and whether pods' sockets are balanced at
-    /// connect() too.
-    pub fn set_node(&mut self, node: &Node, socket_lb: SocketLbScope) -> Result<()> {
+    /// namespace is the node's (the agent's own), whether pods' sockets are balanced at
+    /// connect() too, and how long conntrack entries live.
+    pub fn set_node(
+        &mut self,
+        node: &Node,
+        socket_lb: SocketLbScope,
+        lifetimes: ConntrackLifetimes,
+    ) -> Result<()> {
         let snat_address = node
             .ips
             .first()
@@ -215,6 +116,7 @@ impl ServiceMaps {
                 SocketLbScope::NodeOnly => 0,
             },
             _pad: 0,
+            lifetimes,
         };
         self.node.set(0, node, 0).context("writing NODE_V4")
     }

@@ -1,0 +1,562 @@
+//! The syncer against real BPF hash maps small enough to fill (root needed, as for the agent):
+//! what the kernel answers (E2BIG from a full map, ENOENT from a delete of a missing key, the
+//! count of a batch that stopped) is what the syncer must handle.
+
+use std::{
+    cell::Cell,
+    io, mem,
+    net::Ipv4Addr,
+    os::fd::{AsFd as _, FromRawFd as _, OwnedFd},
+    sync::Arc,
+    time::SystemTime,
+};
+
+use anyhow::Result;
+use aya::{
+    Pod,
+    maps::{HashMap, IterableMap as _, Map, MapData, MapError},
+};
+use service_common::{
+    BACKENDS_V4_MAP, BackendV4, ConntrackEntryV4, ConntrackKeyV4, FRONTEND_ADDRESSES_V4_MAP,
+    IPPROTO_TCP, IPPROTO_UDP, REV_NAT_V4_MAP, RevNatV4, SERVICES_V4_MAP, ServiceEntry,
+    ServiceKeyV4,
+};
+
+use super::{
+    Ledger, MapContents, MapOp, Maps, NextIds, ServiceMap, SyncReport, Syncer, plan::frontend_key,
+};
+use crate::{
+    dataplane::batch,
+    model::{
+        DesiredState, Endpoint, Node, Protocol, Service, ServiceName, ServicePort, ServiceType,
+        TrafficPolicy,
+    },
+};
+
+/// A BPF hash map with room for `max_entries`, allocating as it fills (BPF_F_NO_PREALLOC) as
+/// the agent's service maps do.
+fn hash_map<K: Pod, V: Pod>(max_entries: u32) -> HashMap<MapData, K, V> {
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_MAP_TYPE_HASH: u32 = 1;
+    const BPF_F_NO_PREALLOC: u32 = 1;
+    // map_type, key_size, value_size, max_entries, map_flags: the head of `union bpf_attr`.
+    let attr: [u32; 5] = [
+        BPF_MAP_TYPE_HASH,
+        mem::size_of::<K>() as u32,
+        mem::size_of::<V>() as u32,
+        max_entries,
+        BPF_F_NO_PREALLOC,
+    ];
+    // SAFETY: the kernel reads `attr` and returns a new descriptor or -1.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            attr.as_ptr(),
+            mem::size_of_val(&attr),
+        )
+    };
+    assert!(fd >= 0, "BPF_MAP_CREATE: {}", io::Error::last_os_error());
+    // SAFETY: `fd` is a new descriptor nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(i32::try_from(fd).unwrap()) };
+    let map = Map::from_map_data(MapData::from_fd(fd).unwrap()).unwrap();
+    HashMap::try_from(map).unwrap()
+}
+
+/// The service maps with the given room, conntrack, and the watermarks (kept in memory).
+struct TestMaps {
+    services: HashMap<MapData, ServiceKeyV4, ServiceEntry>,
+    frontend_addresses: HashMap<MapData, u32, u32>,
+    backends: HashMap<MapData, u32, BackendV4>,
+    rev_nat: HashMap<MapData, u32, RevNatV4>,
+    conntrack: HashMap<MapData, ConntrackKeyV4, ConntrackEntryV4>,
+    room: Room,
+    watermarks: NextIds,
+    /// Every write in order: the watermarks written, or the kind of a run.
+    writes: Vec<String>,
+    /// How many of the next reads of conntrack fail.
+    conntrack_read_failures: Cell<usize>,
+}
+
+#[derive(Clone, Copy)]
+struct Room {
+    services: u32,
+    backends: u32,
+    rev_nat: u32,
+    frontend_addresses: u32,
+}
+
+const ROOMY: Room = Room {
+    services: 64,
+    backends: 64,
+    rev_nat: 64,
+    frontend_addresses: 64,
+};
+
+impl TestMaps {
+    fn new(room: Room) -> Self {
+        Self {
+            services: hash_map(room.services),
+            frontend_addresses: hash_map(room.frontend_addresses),
+            backends: hash_map(room.backends),
+            rev_nat: hash_map(room.rev_nat),
+            conntrack: hash_map(64),
+            room,
+            watermarks: NextIds::default(),
+            writes: Vec::new(),
+            conntrack_read_failures: Cell::new(0),
+        }
+    }
+}
+
+fn put_all<K: Pod, V: Pod>(
+    map: &HashMap<MapData, K, V>,
+    run: &[MapOp],
+    entry: impl Fn(&MapOp) -> (K, V),
+) -> Result<(), batch::Stopped> {
+    let (keys, values): (Vec<K>, Vec<V>) = run.iter().map(entry).unzip();
+    batch::update(map.map().fd().as_fd(), &keys, &values)
+}
+
+fn delete_all<K: Pod, V: Pod>(
+    map: &HashMap<MapData, K, V>,
+    run: &[MapOp],
+    key: impl Fn(&MapOp) -> K,
+) -> Result<(), batch::Stopped> {
+    let keys: Vec<K> = run.iter().map(key).collect();
+    batch::delete(map.map().fd().as_fd(), &keys)
+}
+
+impl Maps for TestMaps {
+    fn read_contents(&self) -> Result<MapContents> {
+        let mut contents = MapContents::default();
+        for item in self.services.iter() {
+            let (key, entry) = item?;
+            contents.services.insert(key, entry);
+        }
+        for item in self.backends.iter() {
+            let (id, backend) = item?;
+            contents.backends.insert(id, backend);
+        }
+        for item in self.rev_nat.iter() {
+            let (id, rev_nat) = item?;
+            contents.rev_nat.insert(id, rev_nat);
+        }
+        for address in self.frontend_addresses.keys() {
+            contents.frontend_addresses.insert(address?);
+        }
+        Ok(contents)
+    }
+
+    fn apply_run(&mut self, run: &[MapOp]) -> Result<(), batch::Stopped> {
+        let kind = format!("{:?}", run[0]);
+        self.writes.push(kind[..kind.find('(').unwrap()].to_owned());
+        match &run[0] {
+            MapOp::PutService(..) => put_all(&self.services, run, |op| match op {
+                MapOp::PutService(key, entry) => (*key, *entry),
+                _ => unreachable!(),
+            }),
+            MapOp::PutBackend(..) => put_all(&self.backends, run, |op| match op {
+                MapOp::PutBackend(id, backend) => (*id, *backend),
+                _ => unreachable!(),
+            }),
+            MapOp::PutRevNat(..) => put_all(&self.rev_nat, run, |op| match op {
+                MapOp::PutRevNat(id, rev_nat) => (*id, *rev_nat),
+                _ => unreachable!(),
+            }),
+            MapOp::PutFrontendAddress(_) => put_all(&self.frontend_addresses, run, |op| match op {
+                MapOp::PutFrontendAddress(address) => (*address, 1),
+                _ => unreachable!(),
+            }),
+            MapOp::DeleteService(_) => delete_all(&self.services, run, |op| match op {
+                MapOp::DeleteService(key) => *key,
+                _ => unreachable!(),
+            }),
+            MapOp::DeleteBackend(_) => delete_all(&self.backends, run, |op| match op {
+                MapOp::DeleteBackend(id) => *id,
+                _ => unreachable!(),
+            }),
+            MapOp::DeleteRevNat(_) => delete_all(&self.rev_nat, run, |op| match op {
+                MapOp::DeleteRevNat(id) => *id,
+                _ => unreachable!(),
+            }),
+            MapOp::DeleteFrontendAddress(_) => {
+                delete_all(&self.frontend_addresses, run, |op| match op {
+                    MapOp::DeleteFrontendAddress(address) => *address,
+                    _ => unreachable!(),
+                })
+            }
+        }
+    }
+
+    fn target_of(&self, op: &MapOp) -> (&'static str, u32) {
+        match op.map() {
+            ServiceMap::Services => (SERVICES_V4_MAP, self.room.services),
+            ServiceMap::Backends => (BACKENDS_V4_MAP, self.room.backends),
+            ServiceMap::RevNat => (REV_NAT_V4_MAP, self.room.rev_nat),
+            ServiceMap::FrontendAddresses => {
+                (FRONTEND_ADDRESSES_V4_MAP, self.room.frontend_addresses)
+            }
+        }
+    }
+
+    fn id_watermarks(&self) -> Result<NextIds> {
+        Ok(self.watermarks)
+    }
+
+    fn set_id_watermarks(&mut self, next: NextIds) -> Result<()> {
+        self.writes
+            .push(format!("watermarks {} {}", next.backend, next.rev_nat));
+        self.watermarks = next;
+        Ok(())
+    }
+
+    fn conntrack_keys_where(
+        &self,
+        stale: &mut dyn FnMut(&ConntrackKeyV4, &ConntrackEntryV4) -> bool,
+    ) -> Result<Vec<ConntrackKeyV4>> {
+        let failures = self.conntrack_read_failures.get();
+        if failures > 0 {
+            self.conntrack_read_failures.set(failures - 1);
+            anyhow::bail!("reading CONNTRACK_V4: injected failure");
+        }
+        let mut keys = Vec::new();
+        for item in self.conntrack.iter() {
+            let (key, entry) = item?;
+            if stale(&key, &entry) {
+                keys.push(key);
+            }
+        }
+        Ok(keys)
+    }
+
+    fn forget_flow(&mut self, key: &ConntrackKeyV4) -> Result<()> {
+        match self.conntrack.remove(key) {
+            Err(MapError::KeyNotFound) | Ok(()) => Ok(()),
+            Err(error) => Err(error.into()),
+        }
+    }
+}
+
+fn endpoint(last_octet: u8) -> Endpoint {
+    Endpoint {
+        address: Ipv4Addr::new(10, 244, 0, last_octet),
+        port: 8080,
+        ready: true,
+        serving: true,
+        terminating: false,
+        node_name: None,
+    }
+}
+
+/// ClusterIP Services (name, last octet of the ClusterIP, last octets of the endpoints).
+fn state(services: &[(&str, u8, &[u8])]) -> DesiredState {
+    let mut desired = DesiredState::default();
+    for (name, ip, endpoints) in services {
+        let name = ServiceName {
+            namespace: "default".into(),
+            name: (*name).into(),
+        };
+        let service = Service {
+            name: name.clone(),
+            service_type: ServiceType::ClusterIP,
+            cluster_ip: Ipv4Addr::new(10, 96, 0, *ip),
+            external_ips: Vec::new(),
+            load_balancer_ips: Vec::new(),
+            external_traffic_policy: TrafficPolicy::Cluster,
+            health_check_node_port: None,
+            ports: vec![ServicePort {
+                name: String::new(),
+                port: 80,
+                protocol: Protocol::Tcp,
+                node_port: None,
+                endpoints: endpoints.iter().map(|octet| endpoint(*octet)).collect(),
+            }],
+            created: SystemTime::UNIX_EPOCH,
+        };
+        desired.services.insert(name, Arc::new(service));
+    }
+    desired
+}
+
+/// What a fresh agent would put in empty maps for `desired`, ids aside.
+fn from_scratch(desired: &DesiredState) -> MapContents {
+    let mut ledger = Ledger::new(MapContents::default(), NextIds::default(), Node::default());
+    for op in ledger.plan(desired).ops {
+        ledger.record(&op);
+    }
+    ledger.current().clone()
+}
+
+/// The maps' frontends with their backends' addresses and the backends held, without ids.
+fn meaning(contents: &MapContents) -> Vec<(ServiceKeyV4, Vec<u32>)> {
+    (contents.services.iter())
+        .filter(|(key, _)| key.slot == 0)
+        .map(|(key, meta)| {
+            let mut backends: Vec<u32> = (1..=meta.count)
+                .map(|slot| {
+                    let entry = contents.services[&ServiceKeyV4 { slot, ..*key }];
+                    contents.backends[&entry.backend_id].address
+                })
+                .collect();
+            backends.sort_unstable();
+            (*key, backends)
+        })
+        .collect()
+}
+
+fn assert_serves(maps: &TestMaps, desired: &DesiredState) {
+    let held = maps.read_contents().unwrap();
+    let expected = from_scratch(desired);
+    assert_eq!(meaning(&held), meaning(&expected));
+    assert_eq!(held.services.len(), expected.services.len(), "{held:?}");
+    assert_eq!(held.backends.len(), expected.backends.len(), "{held:?}");
+    assert_eq!(held.rev_nat.len(), expected.rev_nat.len(), "{held:?}");
+    assert_eq!(held.frontend_addresses, expected.frontend_addresses);
+}
+
+fn flow(port: u16, backend_id: u32, rev_nat_id: u32) -> (ConntrackKeyV4, ConntrackEntryV4) {
+    udp_or_tcp_flow(IPPROTO_TCP, port, backend_id, rev_nat_id)
+}
+
+fn udp_or_tcp_flow(
+    protocol: u8,
+    port: u16,
+    backend_id: u32,
+    rev_nat_id: u32,
+) -> (ConntrackKeyV4, ConntrackEntryV4) {
+    let key = ConntrackKeyV4 {
+        src_address: u32::from_ne_bytes([10, 244, 1, 1]),
+        dst_address: u32::from_ne_bytes([10, 96, 0, 10]),
+        src_port: port.to_be(),
+        dst_port: 80u16.to_be(),
+        protocol,
+        ..ConntrackKeyV4::default()
+    };
+    let entry = ConntrackEntryV4 {
+        backend_id,
+        rev_nat_id,
+        ..ConntrackEntryV4::default()
+    };
+    (key, entry)
+}
+
+fn flows(maps: &TestMaps) -> Vec<u16> {
+    let mut ports: Vec<u16> = (maps.conntrack.keys())
+        .map(|key| u16::from_be(key.unwrap().src_port))
+        .collect();
+    ports.sort_unstable();
+    ports
+}
+
+#[test]
+fn a_full_map_takes_what_the_plan_removes_before_what_it_adds() {
+    // Room for exactly one Service with two endpoints, in every map.
+    let mut maps = TestMaps::new(Room {
+        services: 3,
+        backends: 2,
+        rev_nat: 1,
+        frontend_addresses: 1,
+    });
+    let mut syncer = Syncer::new(&maps, Node::default()).unwrap();
+    syncer
+        .sync(&state(&[("old", 10, &[2, 3])]), &mut maps)
+        .unwrap();
+    let new = state(&[("new", 11, &[4, 5])]);
+    let report = syncer.sync(&new, &mut maps).unwrap();
+    assert_eq!(report.map_writes, 14, "7 entries out, 7 in");
+    assert_serves(&maps, &new);
+}
+
+#[test]
+fn a_full_map_is_one_error_naming_the_map_what_did_not_fit_and_whose() {
+    let mut maps = TestMaps::new(Room {
+        services: 2,
+        ..ROOMY
+    });
+    let mut syncer = Syncer::new(&maps, Node::default()).unwrap();
+    // Each Service needs a count and a slot: both slots fit, neither count does.
+    let error = syncer
+        .sync(&state(&[("a", 10, &[2]), ("b", 11, &[3])]), &mut maps)
+        .unwrap_err();
+    assert!(error.is_map_full(), "{error:?}");
+    assert_eq!(
+        error.to_string(),
+        "SERVICES_V4 is full (2 entries): 2 of 4 writes did not fit, for default/a and 1 more \
+         Service; the last good state keeps serving"
+    );
+    // No frontend was made reachable half-written: neither count was written.
+    let held = maps.read_contents().unwrap();
+    assert!(held.services.keys().all(|key| key.slot != 0), "{held:?}");
+}
+
+#[test]
+fn after_a_failed_sync_the_next_one_rereads_the_maps_and_purges_stale_flows() {
+    let mut maps = TestMaps::new(Room {
+        services: 2,
+        ..ROOMY
+    });
+    let mut syncer = Syncer::new(&maps, Node::default()).unwrap();
+    let one = state(&[("b", 11, &[3])]);
+    syncer.sync(&one, &mut maps).unwrap();
+    let too_many = state(&[("a", 10, &[2]), ("b", 11, &[3])]);
+    let error = syncer.sync(&too_many, &mut maps).unwrap_err();
+    assert!(error.is_map_full(), "{error:?}");
+    // Meanwhile something the syncer did not write: only reading the maps again finds it.
+    let stray = RevNatV4 {
+        address: u32::from_ne_bytes([10, 96, 9, 9]),
+        port: 80u16.to_be(),
+        _pad: 0,
+    };
+    maps.rev_nat.insert(77, stray, 0).unwrap();
+    let (key, entry) = flow(40000, 1, 77);
+    maps.conntrack.insert(key, entry, 0).unwrap();
+
+    let report = syncer.sync(&one, &mut maps).unwrap();
+    assert_serves(&maps, &one);
+    assert_eq!(
+        report.conntrack_purged, 1,
+        "the flow of the stray rev-NAT id"
+    );
+    assert!(flows(&maps).is_empty());
+}
+
+#[test]
+fn a_delete_that_finds_nothing_is_done_and_the_rest_of_its_run_goes_on() {
+    let mut maps = TestMaps::new(ROOMY);
+    let mut syncer = Syncer::new(&maps, Node::default()).unwrap();
+    syncer
+        .sync(&state(&[("web", 10, &[2, 3, 4])]), &mut maps)
+        .unwrap();
+    // The first of the three backend deletes will find nothing.
+    let first_backend = maps.backends.keys().map(Result::unwrap).min().unwrap();
+    maps.backends.remove(&first_backend).unwrap();
+
+    let report = syncer.sync(&DesiredState::default(), &mut maps).unwrap();
+    assert_eq!(report.already_deleted, 1);
+    assert_eq!(maps.read_contents().unwrap(), MapContents::default());
+    // Done, not retried: the next sync (which reads the maps again) has nothing to write.
+    let report = syncer.sync(&DesiredState::default(), &mut maps).unwrap();
+    assert_eq!(report, SyncReport::default());
+}
+
+#[test]
+fn ids_go_past_the_watermarks_and_the_maps_and_are_recorded_before_use() {
+    let mut maps = TestMaps::new(ROOMY);
+    // A previous agent handed out ids up to 99 and 49, and left backend 120 in the maps.
+    maps.watermarks = NextIds {
+        backend: 100,
+        rev_nat: 50,
+    };
+    let leftover = BackendV4 {
+        address: u32::from_ne_bytes([10, 244, 9, 9]),
+        ..BackendV4::default()
+    };
+    maps.backends.insert(120, leftover, 0).unwrap();
+    let mut syncer = Syncer::new(&maps, Node::default()).unwrap();
+    syncer
+        .sync(&state(&[("web", 10, &[2])]), &mut maps)
+        .unwrap();
+    let held = maps.read_contents().unwrap();
+    assert_eq!(held.backends.keys().copied().collect::<Vec<_>>(), [121]);
+    assert_eq!(held.rev_nat.keys().copied().collect::<Vec<_>>(), [50]);
+    assert_eq!(maps.writes[0], "watermarks 122 51", "{:?}", maps.writes);
+    assert_eq!(
+        maps.writes
+            .iter()
+            .filter(|w| w.starts_with("watermarks"))
+            .count(),
+        1
+    );
+
+    // No new id, no write; a new id, one write before the writes that use it.
+    maps.writes.clear();
+    syncer
+        .sync(&state(&[("web", 10, &[2])]), &mut maps)
+        .unwrap();
+    syncer
+        .sync(&state(&[("web", 10, &[2, 3, 4])]), &mut maps)
+        .unwrap();
+    assert_eq!(
+        maps.writes,
+        ["watermarks 124 51", "PutBackend", "PutService"],
+        "slots and count are one run of puts"
+    );
+
+    // An agent started over these maps goes on from there, though backends 122 and 123 are gone
+    // from the maps by then.
+    syncer
+        .sync(&state(&[("web", 10, &[2])]), &mut maps)
+        .unwrap();
+    let mut restarted = Syncer::new(&maps, Node::default()).unwrap();
+    restarted
+        .sync(&state(&[("web", 10, &[2, 5])]), &mut maps)
+        .unwrap();
+    let ids: Vec<u32> = maps.read_contents().unwrap().backends.into_keys().collect();
+    assert_eq!(ids, [121, 124]);
+}
+
+#[test]
+fn the_first_sync_purges_flows_that_name_ids_the_maps_do_not_hold() {
+    let mut maps = TestMaps::new(ROOMY);
+    let web = state(&[("web", 10, &[2])]);
+    Syncer::new(&maps, Node::default())
+        .unwrap()
+        .sync(&web, &mut maps)
+        .unwrap();
+    let held = maps.read_contents().unwrap();
+    let (backend, rev_nat) = (held.backends.keys().next(), held.rev_nat.keys().next());
+    let (backend, rev_nat) = (*backend.unwrap(), *rev_nat.unwrap());
+    for (port, backend_id, rev_nat_id) in [
+        (40000, backend, rev_nat),
+        (40001, backend + 100, rev_nat),
+        (40002, backend, rev_nat + 100),
+    ] {
+        let (key, entry) = flow(port, backend_id, rev_nat_id);
+        maps.conntrack.insert(key, entry, 0).unwrap();
+    }
+
+    // An agent restarted over these maps: nothing to write, two flows to forget (at the second
+    // try, when the first cannot read conntrack).
+    let mut restarted = Syncer::new(&maps, Node::default()).unwrap();
+    maps.conntrack_read_failures.set(1);
+    restarted.sync(&web, &mut maps).unwrap_err();
+    let report = restarted.sync(&web, &mut maps).unwrap();
+    assert_eq!(report.map_writes, 0);
+    assert_eq!(report.conntrack_purged, 2);
+    assert_eq!(flows(&maps), [40000]);
+
+    // Later syncs that delete nothing leave conntrack alone.
+    let (key, entry) = flow(40003, backend + 100, rev_nat);
+    maps.conntrack.insert(key, entry, 0).unwrap();
+    let report = restarted.sync(&web, &mut maps).unwrap();
+    assert_eq!(report.conntrack_purged, 0);
+}
+
+#[test]
+fn a_purge_that_failed_is_done_by_the_next_sync() {
+    let mut maps = TestMaps::new(ROOMY);
+    let mut syncer = Syncer::new(&maps, Node::default()).unwrap();
+    // Two Services share a backend; one of them loses it, which ends its UDP flows only.
+    syncer
+        .sync(&state(&[("a", 10, &[2]), ("b", 11, &[2])]), &mut maps)
+        .unwrap();
+    let held = maps.read_contents().unwrap();
+    let a = frontend_key(Ipv4Addr::new(10, 96, 0, 10), 80, Protocol::Tcp);
+    let a_rev_nat = held.services[&a].rev_nat_id;
+    let backend = *held.backends.keys().next().unwrap();
+    for (protocol, port) in [(IPPROTO_UDP, 40000), (IPPROTO_TCP, 40001)] {
+        let (key, entry) = udp_or_tcp_flow(protocol, port, backend, a_rev_nat);
+        maps.conntrack.insert(key, entry, 0).unwrap();
+    }
+    let without = state(&[("a", 10, &[]), ("b", 11, &[2])]);
+    maps.conntrack_read_failures.set(1);
+    let error = syncer.sync(&without, &mut maps).unwrap_err();
+    assert!(error.to_string().contains("injected failure"), "{error}");
+    assert_eq!(flows(&maps), [40000, 40001]);
+
+    // Nothing left to write; the purge still happens.
+    let report = syncer.sync(&without, &mut maps).unwrap();
+    assert_eq!((report.map_writes, report.conntrack_purged), (0, 1));
+    assert_eq!(flows(&maps), [40001], "TCP flows finish on their backend");
+}
