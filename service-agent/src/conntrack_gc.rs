@@ -295,6 +295,7 @@ mod tests {
             size_of::<ConntrackKeyV4>(),
             size_of::<ConntrackEntryV4>(),
             max_entries,
+            0,
         )
     }
 

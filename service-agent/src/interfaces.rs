@@ -113,48 +113,74 @@ impl LinkAttachments {
         pin_name(self.program, interface)
     }
 
-    /// Attaches to new matching links (adopting the pinned link of a previous agent there) and
-    /// removes the attachments of vanished ones. Returns the names newly attached or adopted.
+    /// Attaches to new matching links (adopting the pinned link of a previous agent there),
+    /// runs `set_up` for each (the link's sysctls), and removes the attachments of vanished
+    /// ones. A link that fails is left for the next call, and the others go on: the errors are
+    /// returned, one per link.
     pub fn reconcile(
         &mut self,
         program: &mut SchedClassifier,
         pins: &LinkPins,
-    ) -> Result<Vec<String>> {
-        let wanted = matching_links(&self.globs)?;
+        mut set_up: impl FnMut(&str) -> Result<()>,
+    ) -> Vec<anyhow::Error> {
+        let mut errors = Vec::new();
+        let wanted = match matching_links(&self.globs) {
+            Ok(wanted) => wanted,
+            Err(err) => return vec![err],
+        };
         if !self.swept {
             let wanted_pins: BTreeSet<String> =
                 wanted.keys().map(|name| self.pin_name(name)).collect();
-            pins.remove_unwanted(&self.pin_name(""), |name| wanted_pins.contains(name))?;
-            self.swept = true;
+            match pins.remove_unwanted(&self.pin_name(""), |name| wanted_pins.contains(name)) {
+                Ok(()) => self.swept = true,
+                Err(err) => errors.push(err),
+            }
         }
         for (name, _) in take_vanished(&mut self.attached, &wanted) {
             // The kernel detached it with its device; the pin still holds the link object.
-            pins.remove(&self.pin_name(&name))?;
-            tracing::info!(interface = %name, program = self.program, "link gone, program detached");
+            match pins.remove(&self.pin_name(&name)) {
+                Ok(()) => tracing::info!(
+                    interface = %name, program = self.program, "link gone, program detached"
+                ),
+                Err(err) => errors.push(err),
+            }
         }
-        let program_fd = program.fd()?.try_clone()?;
-        let mut added = Vec::new();
+        let program_fd = match program.fd().and_then(|fd| Ok(fd.try_clone()?)) {
+            Ok(fd) => fd,
+            Err(err) => {
+                errors.push(err.into());
+                return errors;
+            }
+        };
         for (name, index) in wanted {
             if self.attached.contains_key(&name) {
                 continue;
             }
-            let how = pins
+            let attached = pins
                 .ensure(
                     &self.pin_name(&name),
                     BPF_LINK_TYPE_TCX,
                     u64::from(index),
                     program_fd.as_fd(),
                     || {
+                        // By name (aya 0.14 has no TC attach by index): a link re-created under
+                        // the same name since it was listed is caught by the next call, which
+                        // sees its new index.
                         let link = program.attach(&name, TcAttachType::Ingress)?;
                         Ok(FdLink::try_from(program.take_link(link)?)?)
                     },
                 )
-                .with_context(|| format!("attaching {} to {name}", self.program))?;
-            tracing::info!(interface = %name, program = self.program, how = ?how, "attached");
-            self.attached.insert(name.clone(), index);
-            added.push(name);
+                .and_then(|how| set_up(&name).map(|()| how))
+                .with_context(|| format!("attaching {} to {name}", self.program));
+            match attached {
+                Ok(how) => {
+                    tracing::info!(interface = %name, program = self.program, how = ?how, "attached");
+                    self.attached.insert(name, index);
+                }
+                Err(err) => errors.push(err),
+            }
         }
-        Ok(added)
+        errors
     }
 }
 

@@ -92,7 +92,8 @@ pub struct RunArgs {
     service_cidr: Ipv4Cidr,
     /// bpffs directory where the maps and the program attachments are pinned: they outlive the
     /// agent (SIGTERM, a crash, an upgrade), and the next agent adopts them. `service-agent
-    /// cleanup` removes them. bpffs is mounted if the directory is not on one.
+    /// cleanup` removes them. It must be on a bpffs that outlives the agent (the agent refuses to
+    /// start elsewhere).
     #[arg(long, default_value = DEFAULT_PIN_DIR)]
     pin_dir: PathBuf,
     /// Capacity of the service map (slot-0 and one entry per backend, per frontend); the
@@ -204,6 +205,12 @@ fn parse_seconds(text: &str) -> Result<u32, String> {
     if seconds == 0 {
         return Err("a lifetime of 0 would expire every flow at once".into());
     }
+    // The kernel side compares ages as signed 32-bit seconds: 68 years is plenty.
+    if seconds > i32::MAX as u32 {
+        return Err(format!(
+            "{text:?} is longer than a flow can be kept (68 years)"
+        ));
+    }
     Ok(seconds)
 }
 
@@ -314,5 +321,23 @@ fn check(
         Ok(ExitCode::SUCCESS)
     } else {
         Ok(ExitCode::FAILURE)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_seconds;
+
+    #[test]
+    fn lifetimes_take_seconds_minutes_and_hours_within_what_the_kernel_compares() {
+        assert_eq!(parse_seconds("90"), Ok(90));
+        assert_eq!(parse_seconds("90s"), Ok(90));
+        assert_eq!(parse_seconds("5m"), Ok(300));
+        assert_eq!(parse_seconds("6h"), Ok(21_600));
+        assert!(parse_seconds("0s").is_err());
+        assert!(parse_seconds("5d").is_err());
+        assert!(parse_seconds("-5").is_err());
+        assert!(parse_seconds("1000000h").is_err(), "past i32::MAX seconds");
+        assert_eq!(parse_seconds("596523h"), Ok(2_147_482_800));
     }
 }

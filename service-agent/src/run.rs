@@ -2,6 +2,7 @@
 //! server.
 
 use std::{
+    collections::BTreeSet,
     fs,
     os::fd::AsFd as _,
     path::{Path, PathBuf},
@@ -16,7 +17,8 @@ use service_agent::{
     conntrack_gc::ConntrackCollector,
     controlplane::PortRange,
     dataplane::{
-        Dataplane, EXTERNAL_INGRESS_PROGRAM, MapsOrigin, POD_INGRESS_PROGRAM, SocketLbScope,
+        Dataplane, EXTERNAL_INGRESS_PROGRAM, LinkPins, MapsOrigin, POD_INGRESS_PROGRAM,
+        SocketLbScope,
     },
     health,
     interfaces::LinkAttachments,
@@ -26,7 +28,7 @@ use service_agent::{
     sync::Syncer,
     xdp::XdpAttachments,
 };
-use service_common::{SNAT_PORT_COUNT, SNAT_PORT_FIRST};
+use service_common::{ConntrackLifetimes, SNAT_PORT_COUNT, SNAT_PORT_FIRST};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::watch,
@@ -90,16 +92,6 @@ async fn serve(args: RunArgs) -> Result<()> {
             .clone()
             .or_else(|| api_mode.then(source::hostname).flatten()),
     };
-    let socket_lb = if args.socket_lb_host_only {
-        SocketLbScope::NodeOnly
-    } else {
-        SocketLbScope::NodeAndPods
-    };
-    // Before any link runs this agent's programs: they serve only sockets of the namespace it
-    // records, and age flows by its lifetimes.
-    dataplane
-        .maps
-        .set_node(&node, socket_lb, args.conntrack_lifetimes())?;
     let result = serve_until_signal(
         &args,
         &mut dataplane,
@@ -117,19 +109,29 @@ async fn serve(args: RunArgs) -> Result<()> {
 
 /// The program attachments, made (or adopted from a previous agent) once the maps serve what
 /// the node should: at once when they were reused or copied from an older layout, else after
-/// the first sync, so that a link never runs a program whose maps are still empty.
+/// the first sync, so that a link never runs a program whose maps are still empty. The node
+/// settings (`NODE_V4`) are written then too: until this agent is about to serve, the maps may
+/// be the ones the previous agent's programs read, and an agent that fails at start must leave
+/// them as they were.
 struct Attachments {
     pods: LinkAttachments,
     external: LinkAttachments,
     xdp: XdpAttachments,
     cgroup: Option<PathBuf>,
+    node: Node,
+    socket_lb: SocketLbScope,
+    lifetimes: ConntrackLifetimes,
     maps_serve: bool,
-    hooks_attached: bool,
+    /// Set once the node settings are written and the socket hooks attached.
+    started: bool,
     old_layouts_retired: bool,
+    /// The attachment errors last logged: a link that keeps failing is logged once, not every
+    /// tick.
+    logged_errors: BTreeSet<String>,
 }
 
 impl Attachments {
-    fn new(args: &RunArgs, origin: &MapsOrigin) -> Self {
+    fn new(args: &RunArgs, node: Node, origin: &MapsOrigin) -> Self {
         Self {
             pods: LinkAttachments::new(POD_INGRESS_PROGRAM, args.pod_interfaces.clone()),
             external: LinkAttachments::new(
@@ -138,9 +140,17 @@ impl Attachments {
             ),
             xdp: XdpAttachments::new(args.xdp_mode, args.external_interfaces.clone()),
             cgroup: args.cgroup.clone(),
+            node,
+            socket_lb: if args.socket_lb_host_only {
+                SocketLbScope::NodeOnly
+            } else {
+                SocketLbScope::NodeAndPods
+            },
+            lifetimes: args.conntrack_lifetimes(),
             maps_serve: origin.serves(),
-            hooks_attached: false,
+            started: false,
             old_layouts_retired: false,
+            logged_errors: BTreeSet::new(),
         }
     }
 
@@ -150,33 +160,44 @@ impl Attachments {
         if !self.maps_serve {
             return Ok(());
         }
-        let mut complete = true;
-        for links in [&mut self.pods, &mut self.external] {
-            if let Err(err) = attach_new_links(links, dataplane, proc_sys_net) {
-                tracing::error!("{err:#}");
-                complete = false;
-            }
-        }
         let pins = dataplane.link_pins().context("a pinned dataplane")?;
+        if !self.started {
+            // Before any link runs this agent's programs: they serve only sockets of the
+            // namespace it records, and age flows by its lifetimes.
+            dataplane
+                .maps
+                .set_node(&self.node, self.socket_lb, self.lifetimes)?;
+            // The flows the old programs started since the maps were copied, just before the
+            // links get the new programs (again once they all have: see retire_old_layouts).
+            dataplane.copy_late_flows()?;
+        }
+        let mut errors = Vec::new();
+        for links in [&mut self.pods, &mut self.external] {
+            errors.extend(attach_new_links(links, dataplane, &pins, proc_sys_net));
+        }
         let (program, egress) = dataplane.xdp_program();
         if let Err(err) = self.xdp.reconcile(program, egress, &pins) {
-            tracing::error!("{err:#}");
-            complete = false;
+            errors.push(err);
         }
-        if !self.hooks_attached {
+        if !self.started {
             match &self.cgroup {
                 Some(cgroup) => socket_hooks::attach(dataplane, cgroup)?,
                 None => socket_hooks::detach_pinned(&pins)?,
             }
-            self.hooks_attached = true;
+            self.started = true;
         }
-        if complete && !self.old_layouts_retired {
+        if errors.is_empty() && !self.old_layouts_retired {
             // Every link runs this agent's programs now: the old maps can go.
             if let Err(err) = dataplane.retire_old_layouts() {
-                tracing::error!("removing the old map layout: {err:#}");
+                errors.push(err.context("removing the old map layout"));
             }
             self.old_layouts_retired = true;
         }
+        let messages: BTreeSet<String> = errors.iter().map(|err| format!("{err:#}")).collect();
+        for message in messages.difference(&self.logged_errors) {
+            tracing::error!("{message}");
+        }
+        self.logged_errors = messages;
         Ok(())
     }
 }
@@ -201,8 +222,8 @@ async fn serve_until_signal(
     interrupt: &mut tokio::signal::unix::Signal,
 ) -> Result<()> {
     let node_name = node.name.clone();
-    let mut syncer = Syncer::new(&dataplane.maps, node)?;
-    let mut attachments = Attachments::new(args, &origin);
+    let mut syncer = Syncer::new(&dataplane.maps, node.clone())?;
+    let mut attachments = Attachments::new(args, node, &origin);
     let mut source = Source::new(args).await?;
     let (published, state) = watch::channel(Arc::new(DesiredState::default()));
     let mut service_health = ServiceHealthServers::new(node_name, published.subscribe());
@@ -246,6 +267,20 @@ async fn serve_until_signal(
             },
         };
         let read = started.elapsed();
+        if !*synced.borrow()
+            && origin.serves()
+            && refresh.state.services.is_empty()
+            && refresh.problems > 0
+        {
+            // Every object failed (a stricter release over the same manifests, say): serving
+            // nothing would empty what the previous agent programmed. Kept until a change
+            // brings something this agent can serve.
+            tracing::warn!(
+                problems = refresh.problems,
+                "no Service could be read; the maps keep what the previous agent programmed"
+            );
+            continue;
+        }
         match syncer.sync(&refresh.state, &mut dataplane.maps) {
             Ok(report) => {
                 tracing::info!(
@@ -270,10 +305,6 @@ async fn serve_until_signal(
                 published.send_replace(Arc::new(refresh.state));
                 service_health.reconcile(&published.borrow());
                 synced.send_replace(true);
-                if !attachments.maps_serve {
-                    attachments.maps_serve = true;
-                    attachments.reconcile(dataplane, &args.proc_sys_net)?;
-                }
             }
             // The maps hold the last good state plus whatever writes succeeded, and serve it;
             // the same state is tried again after the backoff unless a newer one comes first.
@@ -296,6 +327,13 @@ async fn serve_until_signal(
                     backoff: (backoff * 2).min(RETRY_LAST),
                 });
             }
+        }
+        if !attachments.maps_serve {
+            // New maps now hold what the first sync wrote (all of it, or what fitted: serving
+            // part of the Services beats serving none while the rest waits for room).
+            dataplane.mark_serving()?;
+            attachments.maps_serve = true;
+            attachments.reconcile(dataplane, &args.proc_sys_net)?;
         }
     }
 }
@@ -354,28 +392,31 @@ fn check_snat_ports(args: &RunArgs) -> Result<()> {
     Ok(())
 }
 
+/// Attaches `links`' program to new links, with their sysctls; the errors, per link.
 fn attach_new_links(
     links: &mut LinkAttachments,
     dataplane: &mut Dataplane,
+    pins: &LinkPins,
     proc_sys_net: &Path,
-) -> Result<()> {
-    let pins = dataplane.link_pins().context("a pinned dataplane")?;
-    for name in links.reconcile(dataplane.tc_program(links.program()), &pins)? {
-        // Replies leave the backend's link with the service IP as source, for which the node
-        // has no route back through that link: reverse-path filtering would drop them.
-        // The effective value is max(all, link), so both must be 0 (Cilium does the same).
-        // And translated packets may carry one of the node's own addresses as source (a
-        // nodePort reply, a SNATed request): without accept_local the kernel drops them as
-        // martians before routing them on.
-        for (conf, key, value) in [
-            ("all", "rp_filter", "0"),
-            (name.as_str(), "rp_filter", "0"),
-            (name.as_str(), "accept_local", "1"),
-        ] {
-            let path = proc_sys_net.join(format!("ipv4/conf/{conf}/{key}"));
-            fs::write(&path, value)
-                .with_context(|| format!("writing {value} to {}", path.display()))?;
-        }
+) -> Vec<anyhow::Error> {
+    let program = dataplane.tc_program(links.program());
+    links.reconcile(program, pins, |name| write_link_sysctls(name, proc_sys_net))
+}
+
+/// Replies leave the backend's link with the service IP as source, for which the node has no
+/// route back through that link: reverse-path filtering would drop them. The effective value is
+/// max(all, link), so both must be 0 (Cilium does the same). And translated packets may carry
+/// one of the node's own addresses as source (a nodePort reply, a SNATed request): without
+/// accept_local the kernel drops them as martians before routing them on.
+fn write_link_sysctls(name: &str, proc_sys_net: &Path) -> Result<()> {
+    for (conf, key, value) in [
+        ("all", "rp_filter", "0"),
+        (name, "rp_filter", "0"),
+        (name, "accept_local", "1"),
+    ] {
+        let path = proc_sys_net.join(format!("ipv4/conf/{conf}/{key}"));
+        fs::write(&path, value)
+            .with_context(|| format!("writing {value} to {}", path.display()))?;
     }
     Ok(())
 }

@@ -218,7 +218,13 @@ impl ConntrackLifetimes {
         } else {
             (self.tcp_syn, Self::DEFAULT.tcp_syn)
         };
-        if set == 0 { default } else { set }
+        // Ages are compared as i32 (see conntrack_expired): a longer lifetime would wrap.
+        let lifetime = if set == 0 { default } else { set };
+        if lifetime > i32::MAX as u32 {
+            i32::MAX as u32
+        } else {
+            lifetime
+        }
     }
 }
 
@@ -387,4 +393,32 @@ mod pod {
     unsafe impl aya::Pod for ConntrackLifetimes {}
     unsafe impl aya::Pod for SocketRevNatKeyV4 {}
     unsafe impl aya::Pod for SocketRevNatV4 {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lifetime_past_what_an_age_can_hold_is_clamped_not_wrapped() {
+        let lifetimes = ConntrackLifetimes {
+            other: u32::MAX,
+            ..ConntrackLifetimes::DEFAULT
+        };
+        let entry = ConntrackEntryV4 {
+            last_seen: 100,
+            ..ConntrackEntryV4::default()
+        };
+        assert!(!conntrack_expired(&entry, IPPROTO_UDP, 200, &lifetimes));
+        assert_eq!(
+            ConntrackLifetimes::DEFAULT.of(IPPROTO_UDP, 0),
+            60,
+            "a zero field is its default"
+        );
+        let zero = ConntrackLifetimes {
+            other: 0,
+            ..ConntrackLifetimes::DEFAULT
+        };
+        assert_eq!(zero.of(IPPROTO_UDP, 0), 60);
+    }
 }

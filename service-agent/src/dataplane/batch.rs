@@ -186,14 +186,16 @@ fn run(
     })
 }
 
-/// A new BPF map of `map_type` (`BPF_MAP_TYPE_*`) for tests, or None, with a message saying
-/// the test is skipped, when not root (creating maps needs CAP_BPF, as the agent does).
+/// A new BPF map of `map_type` (`BPF_MAP_TYPE_*`) with `map_flags` (`BPF_F_*`) for tests, or
+/// None, with a message saying the test is skipped, when not root (creating maps needs CAP_BPF,
+/// as the agent does).
 #[cfg(test)]
 pub(crate) fn test_map(
     map_type: u32,
     key_size: usize,
     value_size: usize,
     max_entries: u32,
+    map_flags: u32,
 ) -> Option<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd as _;
 
@@ -203,12 +205,13 @@ pub(crate) fn test_map(
         eprintln!("skipped: creating a BPF map needs root");
         return None;
     }
-    // map_type, key_size, value_size, max_entries: the head of `union bpf_attr`.
-    let attr: [u32; 4] = [
+    // map_type, key_size, value_size, max_entries, map_flags: the head of `union bpf_attr`.
+    let attr: [u32; 5] = [
         map_type,
         u32::try_from(key_size).unwrap(),
         u32::try_from(value_size).unwrap(),
         max_entries,
+        map_flags,
     ];
     // SAFETY: the kernel reads `attr` and returns a new descriptor or -1.
     let fd = unsafe {
@@ -236,7 +239,7 @@ mod tests {
 
     /// A BPF hash map of u32 -> u32 with room for `max_entries`; None when not root.
     fn hash_map(max_entries: u32) -> Option<HashMap<MapData, u32, u32>> {
-        let fd = test_map(BPF_MAP_TYPE_HASH, 4, 4, max_entries)?;
+        let fd = test_map(BPF_MAP_TYPE_HASH, 4, 4, max_entries, 0)?;
         let map = Map::from_map_data(MapData::from_fd(fd).unwrap()).unwrap();
         Some(HashMap::try_from(map).unwrap())
     }

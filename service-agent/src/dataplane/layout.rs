@@ -33,7 +33,7 @@ use service_common::{
     ServiceEntry, ServiceKeyV4, SocketRevNatKeyV4, SocketRevNatV4, XDP_EGRESS_MAP,
 };
 
-use super::{Dataplane, batch};
+use super::{Dataplane, LinkPins, batch};
 use crate::conntrack_gc::monotonic_coarse_seconds;
 
 /// The capacities of the maps that grow with the cluster (`--lb-map-max`,
@@ -154,19 +154,36 @@ pub struct Migration {
 }
 
 impl Migration {
-    /// Plans the move from the newest readable layout among `old_layouts` (newest first) into
-    /// `dir`, and pins the maps that can be shared into `dir`, before the object is loaded
-    /// (which then reuses them). None when no old layout can be read.
-    pub fn prepare(old_layouts: &[PathBuf], dir: &Path, sizes: MapSizes) -> Result<Option<Self>> {
-        let Some(from) = old_layouts
-            .iter()
-            .find(|dir| readable_version(dir).is_some())
+    /// Plans the move from `old_layouts` (newest first) into `dir`: from the one the pinned
+    /// links' programs use, else the newest this build can read. With `share`, pins the maps
+    /// that can be shared into `dir`, before the object is loaded (which then reuses them). None
+    /// when no old layout can be read.
+    pub fn prepare(
+        old_layouts: &[PathBuf],
+        links: &LinkPins,
+        dir: &Path,
+        sizes: MapSizes,
+        share: bool,
+    ) -> Result<Option<Self>> {
+        let serving = links.serving_map_ids();
+        let uses = |layout: &PathBuf| {
+            MapInfo::from_pin(layout.join(SERVICES_V4_MAP))
+                .is_ok_and(|info| serving.contains(&info.id()))
+        };
+        let readable = || {
+            old_layouts
+                .iter()
+                .filter(|dir| readable_version(dir).is_some())
+        };
+        let Some(from) = readable()
+            .find(|dir| uses(dir))
+            .or_else(|| readable().next())
         else {
             return Ok(None);
         };
         let version = readable_version(from).expect("found readable");
         let mut shared = BTreeSet::new();
-        if version == PIN_LAYOUT {
+        if share && version == PIN_LAYOUT {
             let sized: BTreeMap<&str, u32> = sizes.max_entries().into_iter().collect();
             for name in ALL_MAPS {
                 let old = from.join(name);
@@ -398,4 +415,49 @@ fn copy_xdp_egress(dir: &Path, to: &mut DevMapHash<MapData>) -> Result<()> {
             .context("copying XDP_EGRESS")?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use service_common::{CT_REVERSE, IPPROTO_UDP};
+
+    use super::*;
+
+    #[test]
+    fn a_v5_forward_entry_is_seen_now_and_a_tcp_flow_counts_as_established() {
+        let key = |protocol, direction| ConntrackKeyV4 {
+            protocol,
+            direction,
+            ..ConntrackKeyV4::default()
+        };
+        let v5 = ConntrackEntryV4 {
+            last_seen: 0,
+            ..ConntrackEntryV4::default()
+        };
+        let mut forward = v5;
+        from_v5(&key(IPPROTO_TCP, CT_FORWARD), &mut forward, 1000);
+        assert_eq!(forward.last_seen, 1000);
+        assert_ne!(forward.flags & CT_SEEN_NON_SYN, 0);
+
+        let mut reverse = ConntrackEntryV4 {
+            last_seen: 990,
+            ..v5
+        };
+        from_v5(&key(IPPROTO_UDP, CT_REVERSE), &mut reverse, 1000);
+        assert_eq!(reverse.last_seen, 990, "a v5 reverse entry kept its time");
+        assert_eq!(reverse.flags & CT_SEEN_NON_SYN, 0, "UDP has no handshake");
+    }
+
+    #[test]
+    fn a_layout_is_named_after_its_version_and_any_sizes_not_the_defaults() {
+        assert_eq!(Layout::new(MapSizes::DEFAULT).name(), PIN_LAYOUT);
+        let sizes = MapSizes {
+            lb: 4096,
+            ..MapSizes::DEFAULT
+        };
+        assert_eq!(
+            Layout::new(sizes).name(),
+            format!("{PIN_LAYOUT}-lb4096-ct{}", MapSizes::DEFAULT.conntrack)
+        );
+    }
 }

@@ -4,11 +4,13 @@
 //! pinned link by pointing it at its own newly loaded program (`BPF_LINK_UPDATE`: one atomic
 //! swap, the link never detaches); removing the pin detaches the link.
 //!
-//! aya 0.14 attaches and pins links but cannot open a pinned link's descriptor for
-//! `BPF_OBJ_GET_INFO_BY_FD` or update a cgroup link: those three commands are made here
-//! directly, as `batch.rs` does for the batch commands.
+//! aya 0.14 attaches and pins links, and can reopen a pinned one, but tells neither what a link
+//! is attached to (the interface index or cgroup id this module compares) nor updates a cgroup
+//! link: `BPF_OBJ_GET`, `BPF_OBJ_GET_INFO_BY_FD`, `BPF_LINK_UPDATE` and `BPF_LINK_DETACH` are
+//! made here directly, as `batch.rs` does for the batch commands.
 
 use std::{
+    collections::BTreeSet,
     ffi::CString,
     fs, io, mem,
     os::{
@@ -19,7 +21,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use aya::programs::links::FdLink;
+use aya::programs::{links::FdLink, loaded_programs};
 
 /// `enum bpf_cmd` values from the kernel's uapi/linux/bpf.h.
 const BPF_OBJ_GET: libc::c_long = 7;
@@ -131,8 +133,13 @@ impl LinkPins {
 
     /// Makes the pinned link `name` run `program` on `target` (an interface index, or a cgroup
     /// id): a link pinned there of type `link_type` and attached to `target` gets the program
-    /// swapped in; one attached elsewhere, or to an interface since deleted (target 0), is
-    /// removed; then `attach` makes a new link, which is pinned.
+    /// swapped in. Otherwise (nothing pinned, one attached elsewhere or to an interface deleted
+    /// since: target 0, or a swap the kernel refused) `attach` makes a new link, which replaces
+    /// the pinned one. A new link is attached before the old one goes wherever the hook runs
+    /// several programs (TCX, cgroups: for a moment both translate, and a packet the first
+    /// translated is no longer for a service when the second sees it), so the hook is never
+    /// left empty; XDP runs one program per interface, so there the old link goes first, and
+    /// for that moment TC, which stays attached behind it, does all the work.
     pub fn ensure(
         &self,
         name: &str,
@@ -141,20 +148,51 @@ impl LinkPins {
         program: BorrowedFd<'_>,
         attach: impl FnOnce() -> Result<FdLink>,
     ) -> Result<Attached> {
-        if let Some(info) = self.info(name)? {
-            if info.link_type == link_type && info.target == target {
-                self.update(name, program)?;
-                return Ok(Attached::Adopted);
+        let pinned = self.info(name)?;
+        if let Some(info) = pinned
+            && info.link_type == link_type
+            && info.target == target
+        {
+            match self.update(name, program) {
+                Ok(()) => return Ok(Attached::Adopted),
+                Err(err) => tracing::warn!(link = name, "{err:#}; attaching a new link instead"),
             }
-            tracing::info!(
-                link = name,
-                ?info,
-                "pinned link attached elsewhere: replaced"
-            );
-            self.remove(name)?;
         }
-        self.pin(name, attach()?)?;
+        if pinned.is_none() {
+            self.pin(name, attach()?)?;
+            return Ok(Attached::New);
+        }
+        tracing::info!(link = name, ?pinned, "pinned link not reusable: replaced");
+        if link_type == BPF_LINK_TYPE_XDP {
+            self.remove(name)?;
+            self.pin(name, attach()?)?;
+        } else {
+            let incoming = format!("{name}~new");
+            self.remove(&incoming)?;
+            self.pin(&incoming, attach()?)?;
+            self.remove(name)?;
+            fs::rename(self.path(&incoming), self.path(name))
+                .with_context(|| format!("renaming the pin {incoming} to {name}"))?;
+        }
         Ok(Attached::New)
+    }
+
+    /// The ids of the maps that the programs of the pinned links use: which layout serves the
+    /// node now. Empty when no link is pinned (or the kernel will not say).
+    pub fn serving_map_ids(&self) -> BTreeSet<u32> {
+        let programs: BTreeSet<u32> = (self.names_with_prefix("").unwrap_or_default().iter())
+            .filter_map(|name| self.info(name).ok().flatten())
+            .map(|info| info.program_id)
+            .collect();
+        if programs.is_empty() {
+            return BTreeSet::new();
+        }
+        loaded_programs()
+            .filter_map(Result::ok)
+            .filter(|program| programs.contains(&program.id()))
+            .filter_map(|program| program.map_ids().ok().flatten())
+            .flatten()
+            .collect()
     }
 
     /// Detaches the link `name` and removes its pin. Nothing to do if it is not pinned.

@@ -19,9 +19,9 @@ use aya::{
     maps::{DevMapHash, MapData},
     programs::{CgroupSockAddr, SchedClassifier, Xdp},
 };
-use service_common::{ALL_MAPS, SERVICES_V4_MAP, SOCKET_REV_NAT_V4_MAP, XDP_EGRESS_MAP};
+use service_common::{ALL_MAPS, SOCKET_REV_NAT_V4_MAP, XDP_EGRESS_MAP};
 
-use self::layout::Migration;
+use self::{layout::Migration, pins::PinRootLock};
 pub use self::{
     layout::{Layout, MapSizes, MapsOrigin},
     links::LinkPins,
@@ -56,12 +56,15 @@ pub struct Dataplane {
 
 /// Where a pinned dataplane keeps its maps and links.
 struct Pinned {
-    root: PathBuf,
+    /// Held while the agent runs: one agent per pin root.
+    _lock: PinRootLock,
     links: LinkPins,
     /// Older layout directories, to retire once the links run this agent's programs.
     old_layouts: Vec<PathBuf>,
     /// How the maps came from one of them, if they did.
     migration: Option<Migration>,
+    /// A layout still being built: (where, the name it gets once it serves).
+    incoming: Option<(PathBuf, PathBuf)>,
 }
 
 impl Dataplane {
@@ -74,56 +77,92 @@ impl Dataplane {
 
     /// Loads the programs with their maps pinned under `root` in the directory of `sizes`'
     /// layout: reused when a previous agent left them there (its services and flows go on),
-    /// else created, and filled from an older layout when one can be read.
+    /// else built under a temporary name and filled from an older layout when one can be read.
+    /// A layout gets its own name only once its maps hold what the node serves (copied, or
+    /// after the first sync: [`Self::mark_serving`]), so an agent that stops half way never
+    /// leaves a layout the next one would take for complete.
     pub fn load_pinned(root: &Path, sizes: MapSizes) -> Result<(Self, MapsOrigin)> {
         sizes.validate()?;
         pins::ensure_bpffs(root)?;
+        let lock = PinRootLock::acquire(root)?;
+        pins::remove_incoming(root)?;
         let layout = Layout::new(sizes);
         let dir = root.join(layout.name());
-        let reused = dir.join(SERVICES_V4_MAP).exists();
-        fs::create_dir_all(&dir)
-            .with_context(|| format!("creating the pin directory {}", dir.display()))?;
+        let links = LinkPins::new(root);
         let old_layouts = pins::other_layouts(root, layout.name())?;
-        let migration = if reused {
-            None
-        } else {
-            Migration::prepare(&old_layouts, &dir, sizes)?
-        };
-        let mut loader = EbpfLoader::new();
-        for name in ALL_MAPS {
-            loader.map_pin_path(name, dir.join(name));
-        }
-        let ebpf = load_object(loader, sizes)?;
-        let mut dataplane = Self::from_object(
-            ebpf,
-            Some(Pinned {
-                root: root.to_owned(),
-                links: LinkPins::new(root),
+        if dir.exists() {
+            let ebpf = load_object(pinned_loader(&dir), sizes)?;
+            let pinned = Pinned {
+                _lock: lock,
+                links,
                 old_layouts,
                 migration: None,
-            }),
-        )?;
+                incoming: None,
+            };
+            let dataplane = Self::from_object(ebpf, Some(pinned))?;
+            let origin = MapsOrigin::Reused;
+            tracing::info!(pin_dir = %dir.display(), origin = ?origin, "dataplane loaded");
+            return Ok((dataplane, origin));
+        }
+        let incoming = pins::incoming_dir(root, layout.name());
+        let build = |share: bool| -> Result<(Ebpf, Option<Migration>)> {
+            fs::create_dir_all(&incoming)
+                .with_context(|| format!("creating the pin directory {}", incoming.display()))?;
+            let migration = Migration::prepare(&old_layouts, &links, &incoming, sizes, share)?;
+            Ok((load_object(pinned_loader(&incoming), sizes)?, migration))
+        };
+        let (ebpf, migration) = build(true)?;
+        let mut pinned = Pinned {
+            _lock: lock,
+            links: links.clone(),
+            old_layouts: old_layouts.clone(),
+            migration: None,
+            incoming: Some((incoming.clone(), dir.clone())),
+        };
+        let mut dataplane = Self::from_object(ebpf, None)?;
         let origin = match migration {
-            None if reused => MapsOrigin::Reused,
             None => MapsOrigin::New,
             Some(migration) => match migration.copy(&mut dataplane) {
                 Ok(()) => {
                     let from = migration.from.clone();
-                    if let Some(pinned) = &mut dataplane.pinned {
-                        pinned.migration = Some(migration);
-                    }
+                    pinned.migration = Some(migration);
                     MapsOrigin::Migrated(from)
                 }
                 Err(err) => {
-                    // Half-copied maps are still valid maps: the first sync fixes their
-                    // services, and the links wait for it.
+                    // Start over with maps of its own (a shared conntrack would be purged of
+                    // the old programs' flows by the first sync): the first sync fills them,
+                    // and the links wait for it.
                     tracing::warn!("{err:#}; the new maps are filled by the first sync instead");
+                    drop(dataplane);
+                    pins::remove_layout(&incoming)?;
+                    let (ebpf, _) = build(false)?;
+                    dataplane = Self::from_object(ebpf, None)?;
                     MapsOrigin::New
                 }
             },
         };
-        tracing::info!(pin_dir = %dir.display(), origin = ?origin, "dataplane loaded");
+        dataplane.pinned = Some(pinned);
+        if origin.serves() {
+            dataplane.mark_serving()?;
+        }
+        tracing::info!(pin_dir = %incoming.display(), origin = ?origin, "dataplane loaded");
         Ok((dataplane, origin))
+    }
+
+    /// Gives a layout built by this agent its own name: its maps hold what the node should
+    /// serve, and links may run programs using them. Nothing to do for a reused layout.
+    pub fn mark_serving(&mut self) -> Result<()> {
+        let Some((incoming, dir)) = self
+            .pinned
+            .as_mut()
+            .and_then(|pinned| pinned.incoming.take())
+        else {
+            return Ok(());
+        };
+        fs::rename(&incoming, &dir)
+            .with_context(|| format!("renaming {} to {}", incoming.display(), dir.display()))?;
+        tracing::info!(layout = %dir.display(), "map layout complete");
+        Ok(())
     }
 
     fn from_object(mut ebpf: Ebpf, pinned: Option<Pinned>) -> Result<Self> {
@@ -145,28 +184,42 @@ impl Dataplane {
         self.pinned.as_ref().map(|pinned| pinned.links.clone())
     }
 
-    /// Called once every link runs this agent's programs: the flows the old programs recorded
-    /// since the maps were copied are copied too, and the older layouts' pins are removed
-    /// (their maps go with the last program using them).
+    /// Copies the flows the old programs recorded since the maps were copied from an older
+    /// layout (when conntrack itself was copied, not shared): called just before the links get
+    /// this agent's programs, and again once they all have.
+    pub fn copy_late_flows(&mut self) -> Result<()> {
+        let Some(migration) = self
+            .pinned
+            .as_mut()
+            .and_then(|pinned| pinned.migration.take())
+        else {
+            return Ok(());
+        };
+        let copied = migration.copy_late_flows(self);
+        if let Some(pinned) = &mut self.pinned {
+            pinned.migration = Some(migration);
+        }
+        let flows = copied?;
+        tracing::info!(
+            flows,
+            "copied the flows the old programs recorded since the copy"
+        );
+        Ok(())
+    }
+
+    /// Called once every link runs this agent's programs: the last late flows are copied, and
+    /// the older layouts' pins are removed (their maps go with the last program using them).
     pub fn retire_old_layouts(&mut self) -> Result<()> {
+        self.copy_late_flows()?;
         let Some(pinned) = &mut self.pinned else {
             return Ok(());
         };
-        let old_layouts = std::mem::take(&mut pinned.old_layouts);
-        if let Some(migration) = pinned.migration.take() {
-            let late = migration.copy_late_flows(self)?;
-            tracing::info!(from = %migration.from.display(), flows = late, "copied late flows");
-        }
-        for dir in old_layouts {
+        pinned.migration = None;
+        for dir in std::mem::take(&mut pinned.old_layouts) {
             pins::remove_layout(&dir)?;
             tracing::info!(layout = %dir.display(), "old map layout removed");
         }
         Ok(())
-    }
-
-    /// The pin root, if pinned.
-    pub fn pin_root(&self) -> Option<&Path> {
-        self.pinned.as_ref().map(|pinned| pinned.root.as_path())
     }
 
     /// One of the TC programs, by name ([`POD_INGRESS_PROGRAM`], [`EXTERNAL_INGRESS_PROGRAM`]).
@@ -217,6 +270,15 @@ fn map_data(map: &aya::maps::Map) -> &MapData {
         | Map::PerCpuLruHashMap(data) => data,
         other => panic!("a map kind the object does not have: {other:?}"),
     }
+}
+
+/// A loader that pins every map under `dir` (reusing what is pinned there already).
+fn pinned_loader(dir: &Path) -> EbpfLoader<'static> {
+    let mut loader = EbpfLoader::new();
+    for name in ALL_MAPS {
+        loader.map_pin_path(name, dir.join(name));
+    }
+    loader
 }
 
 fn load_object(mut loader: EbpfLoader<'_>, sizes: MapSizes) -> Result<Ebpf> {

@@ -5,14 +5,17 @@
 //! <pin-dir>/
 //!   v6/                  the maps, one directory per layout (see `layout`)
 //!     SERVICES_V4 ...
+//!   incoming-v6-lb.../   a layout being built: renamed to its own name once its maps hold
+//!                        what the node serves, and only then do links run programs using it
 //!   links/               the program attachments (see `links`), kept across layouts
 //!     pod_ingress@lxc1a2b ...
 //! ```
 
 use std::{
     ffi::CString,
-    fs, io, mem,
-    os::unix::ffi::OsStrExt as _,
+    fs::{self, File},
+    io, mem,
+    os::{fd::AsRawFd as _, unix::ffi::OsStrExt as _},
     path::{Path, PathBuf},
 };
 
@@ -22,9 +25,73 @@ use super::links::{LINKS_DIR, remove_link_pin};
 
 /// `BPF_FS_MAGIC` from linux/magic.h.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-/// Where systemd (and the host of a DaemonSet) mounts bpffs.
-const SYS_FS_BPF: &str = "/sys/fs/bpf";
 
+/// The prefix of a layout directory being built (see the module's comment).
+const INCOMING: &str = "incoming-";
+
+/// Where the layout `name` is built before it serves.
+pub fn incoming_dir(root: &Path, name: &str) -> PathBuf {
+    root.join(format!("{INCOMING}{name}"))
+}
+
+/// Removes the layouts left half-built under `root` (an agent that stopped while building
+/// one): no link runs a program that uses their maps, since links are pointed at a layout only
+/// once it has its own name.
+pub fn remove_incoming(root: &Path) -> Result<()> {
+    for entry in read_dir_if_any(root)? {
+        let entry = entry.with_context(|| format!("listing {}", root.display()))?;
+        if entry
+            .file_name()
+            .to_str()
+            .is_some_and(|name| name.starts_with(INCOMING))
+        {
+            remove_layout(&entry.path())?;
+            tracing::info!(layout = %entry.path().display(), "half-built map layout removed");
+        }
+    }
+    Ok(())
+}
+
+/// The entries of `dir`, none if it does not exist.
+fn read_dir_if_any(dir: &Path) -> Result<impl Iterator<Item = io::Result<fs::DirEntry>>> {
+    match fs::read_dir(dir) {
+        Ok(entries) => Ok(Some(entries).into_iter().flatten()),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None.into_iter().flatten()),
+        Err(err) => Err(err).with_context(|| format!("listing {}", dir.display())),
+    }
+}
+
+/// The agent's hold on a pin root: one agent (or `cleanup`) at a time. Two agents on one pin
+/// directory would hand out the same backend ids for different backends and undo each other's
+/// writes. An advisory lock on the directory (`flock`), released by the kernel when the holder
+/// exits, however it exits.
+pub struct PinRootLock {
+    _directory: File,
+}
+
+impl PinRootLock {
+    /// Takes the lock, creating `root` if needed; fails at once, saying why, if another process
+    /// holds it.
+    pub fn acquire(root: &Path) -> Result<Self> {
+        fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+        let directory = File::open(root).with_context(|| format!("opening {}", root.display()))?;
+        // SAFETY: flock takes a descriptor `directory` keeps open, and no pointers.
+        if unsafe { libc::flock(directory.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::WouldBlock {
+                bail!(
+                    "another service-agent (or cleanup) is using --pin-dir {}: stop it first \
+                     (two agents on one node would undo each other's writes)",
+                    root.display()
+                );
+            }
+            return Err(err).with_context(|| format!("locking {}", root.display()));
+        }
+        Ok(Self {
+            _directory: directory,
+        })
+    }
+}
 /// Whether `name` is a layout directory's name: `v<digits>`, optionally followed by `-<sizes>`.
 pub fn is_layout_name(name: &str) -> bool {
     let version = name.split('-').next().unwrap_or_default();
@@ -83,6 +150,10 @@ pub struct Removed {
 /// touched: the links directory and layout directories.
 pub fn cleanup(root: &Path) -> Result<Removed> {
     let mut removed = Removed::default();
+    if !root.exists() {
+        return Ok(removed);
+    }
+    let _lock = PinRootLock::acquire(root)?;
     let links = root.join(LINKS_DIR);
     match fs::read_dir(&links) {
         Ok(entries) => {
@@ -113,11 +184,11 @@ pub fn cleanup(root: &Path) -> Result<Removed> {
     Ok(removed)
 }
 
-/// Makes sure `root` lies on a bpffs, where pins outlive the agent. If the nearest existing
-/// directory on its path is not on one, bpffs is mounted (at /sys/fs/bpf when `root` is below
-/// it, as systemd would have, else at `root` itself), as Cilium does, but only in the host's
-/// mount namespace: a bpffs mounted in a private one (`ip netns exec` makes one, and remounts
-/// /sys) vanishes with it, and the pins and the datapath with them.
+/// Makes sure `root` lies on a bpffs, where pins outlive the agent, or says exactly what to do.
+/// The agent does not mount one itself: it cannot tell a bpffs that outlives it from one that
+/// does not (in a container without the host's /sys/fs/bpf, or under `ip netns exec`, which
+/// makes a private mount namespace with a fresh /sys, a bpffs mounted here would vanish with
+/// the container or the command, taking the datapath along).
 pub fn ensure_bpffs(root: &Path) -> Result<()> {
     let existing = root
         .ancestors()
@@ -126,29 +197,15 @@ pub fn ensure_bpffs(root: &Path) -> Result<()> {
     if filesystem_type(existing)? == BPF_FS_MAGIC {
         return Ok(());
     }
-    let mount_point = if root.starts_with(SYS_FS_BPF) {
-        PathBuf::from(SYS_FS_BPF)
-    } else {
-        root.to_owned()
-    };
-    if !in_host_mount_namespace()? {
-        bail!(
-            "--pin-dir {}: {} is not on bpffs in this mount namespace, which is not the host's \
-             (`ip netns exec` makes a private one and remounts /sys, hiding the host's \
-             /sys/fs/bpf). Pins made here would vanish with it and take the datapath along: run \
-             the agent in the host's mount namespace (`nsenter --net=/run/netns/NAME \
-             service-agent run ...` enters only the network namespace), or mount the host's \
-             bpffs at {}",
-            root.display(),
-            existing.display(),
-            mount_point.display()
-        );
-    }
-    fs::create_dir_all(&mount_point)
-        .with_context(|| format!("creating the bpffs mount point {}", mount_point.display()))?;
-    mount_bpffs(&mount_point)?;
-    tracing::info!(mount_point = %mount_point.display(), "bpffs was not mounted: mounted it");
-    Ok(())
+    bail!(
+        "--pin-dir {}: {} is not on bpffs, so nothing pinned there would outlive the agent. On \
+         the host, mount it where systemd does (`mount -t bpf bpf /sys/fs/bpf`); in a container, \
+         mount the host's /sys/fs/bpf (deploy/daemonset.yaml does). Under `ip netns exec`, \
+         which remounts /sys and hides the host's bpffs, enter only the network namespace \
+         instead: `nsenter --net=/run/netns/NAME service-agent run ...`",
+        root.display(),
+        existing.display()
+    )
 }
 
 fn filesystem_type(path: &Path) -> Result<i64> {
@@ -161,35 +218,6 @@ fn filesystem_type(path: &Path) -> Result<i64> {
             .with_context(|| format!("statfs {}", path.display()));
     }
     Ok(stat.f_type)
-}
-
-/// Whether this process shares the mount namespace of PID 1 (the host's, or on a DaemonSet the
-/// container's, whose /sys/fs/bpf is the host's bpffs mounted in). When PID 1's cannot be read
-/// (some sandboxes deny it), the answer is no: refusing with an explanation beats pins that
-/// vanish.
-fn in_host_mount_namespace() -> Result<bool> {
-    let own = fs::read_link("/proc/self/ns/mnt").context("reading /proc/self/ns/mnt")?;
-    Ok(fs::read_link("/proc/1/ns/mnt").is_ok_and(|init| init == own))
-}
-
-fn mount_bpffs(at: &Path) -> Result<()> {
-    let target = CString::new(at.as_os_str().as_bytes())
-        .with_context(|| format!("a path with a NUL byte: {}", at.display()))?;
-    // SAFETY: NUL-terminated strings that outlive the call; no data argument.
-    let mounted = unsafe {
-        libc::mount(
-            c"bpf".as_ptr(),
-            target.as_ptr(),
-            c"bpf".as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if mounted != 0 {
-        return Err(io::Error::last_os_error())
-            .with_context(|| format!("mounting bpffs at {}", at.display()));
-    }
-    Ok(())
 }
 
 #[cfg(test)]

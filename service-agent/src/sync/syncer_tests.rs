@@ -2,14 +2,7 @@
 //! what the kernel answers (E2BIG from a full map, ENOENT from a delete of a missing key, the
 //! count of a batch that stopped) is what the syncer must handle.
 
-use std::{
-    cell::Cell,
-    io, mem,
-    net::Ipv4Addr,
-    os::fd::{AsFd as _, FromRawFd as _, OwnedFd},
-    sync::Arc,
-    time::SystemTime,
-};
+use std::{cell::Cell, mem, net::Ipv4Addr, os::fd::AsFd as _};
 
 use anyhow::Result;
 use aya::{
@@ -23,44 +16,29 @@ use service_common::{
 };
 
 use super::{
-    Ledger, MapContents, MapOp, Maps, NextIds, ServiceMap, SyncReport, Syncer, plan::frontend_key,
+    Ledger, MapContents, MapOp, Maps, NextIds, ServiceMap, SyncReport, Syncer,
+    plan::frontend_key,
+    tests::{self, endpoint},
 };
 use crate::{
     dataplane::batch,
-    model::{
-        DesiredState, Endpoint, Node, Protocol, Service, ServiceName, ServicePort, ServiceType,
-        TrafficPolicy,
-    },
+    model::{DesiredState, Endpoint, Node, Protocol},
 };
 
 /// A BPF hash map with room for `max_entries`, allocating as it fills (BPF_F_NO_PREALLOC) as
-/// the agent's service maps do.
-fn hash_map<K: Pod, V: Pod>(max_entries: u32) -> HashMap<MapData, K, V> {
-    const BPF_MAP_CREATE: libc::c_long = 0;
+/// the agent's service maps do; None when not root.
+fn hash_map<K: Pod, V: Pod>(max_entries: u32) -> Option<HashMap<MapData, K, V>> {
     const BPF_MAP_TYPE_HASH: u32 = 1;
     const BPF_F_NO_PREALLOC: u32 = 1;
-    // map_type, key_size, value_size, max_entries, map_flags: the head of `union bpf_attr`.
-    let attr: [u32; 5] = [
+    let fd = batch::test_map(
         BPF_MAP_TYPE_HASH,
-        mem::size_of::<K>() as u32,
-        mem::size_of::<V>() as u32,
+        mem::size_of::<K>(),
+        mem::size_of::<V>(),
         max_entries,
         BPF_F_NO_PREALLOC,
-    ];
-    // SAFETY: the kernel reads `attr` and returns a new descriptor or -1.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_CREATE,
-            attr.as_ptr(),
-            mem::size_of_val(&attr),
-        )
-    };
-    assert!(fd >= 0, "BPF_MAP_CREATE: {}", io::Error::last_os_error());
-    // SAFETY: `fd` is a new descriptor nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(i32::try_from(fd).unwrap()) };
+    )?;
     let map = Map::from_map_data(MapData::from_fd(fd).unwrap()).unwrap();
-    HashMap::try_from(map).unwrap()
+    Some(HashMap::try_from(map).unwrap())
 }
 
 /// The service maps with the given room, conntrack, and the watermarks (kept in memory).
@@ -94,18 +72,19 @@ const ROOMY: Room = Room {
 };
 
 impl TestMaps {
-    fn new(room: Room) -> Self {
-        Self {
-            services: hash_map(room.services),
-            frontend_addresses: hash_map(room.frontend_addresses),
-            backends: hash_map(room.backends),
-            rev_nat: hash_map(room.rev_nat),
-            conntrack: hash_map(64),
+    /// None, and the test is skipped with a message, when not root.
+    fn new(room: Room) -> Option<Self> {
+        Some(Self {
+            services: hash_map(room.services)?,
+            frontend_addresses: hash_map(room.frontend_addresses)?,
+            backends: hash_map(room.backends)?,
+            rev_nat: hash_map(room.rev_nat)?,
+            conntrack: hash_map(64)?,
             room,
             watermarks: NextIds::default(),
             writes: Vec::new(),
             conntrack_read_failures: Cell::new(0),
-        }
+        })
     }
 }
 
@@ -238,45 +217,16 @@ impl Maps for TestMaps {
     }
 }
 
-fn endpoint(last_octet: u8) -> Endpoint {
-    Endpoint {
-        address: Ipv4Addr::new(10, 244, 0, last_octet),
-        port: 8080,
-        ready: true,
-        serving: true,
-        terminating: false,
-        node_name: None,
-    }
-}
-
 /// ClusterIP Services (name, last octet of the ClusterIP, last octets of the endpoints).
 fn state(services: &[(&str, u8, &[u8])]) -> DesiredState {
-    let mut desired = DesiredState::default();
-    for (name, ip, endpoints) in services {
-        let name = ServiceName {
-            namespace: "default".into(),
-            name: (*name).into(),
-        };
-        let service = Service {
-            name: name.clone(),
-            service_type: ServiceType::ClusterIP,
-            cluster_ip: Ipv4Addr::new(10, 96, 0, *ip),
-            external_ips: Vec::new(),
-            load_balancer_ips: Vec::new(),
-            external_traffic_policy: TrafficPolicy::Cluster,
-            health_check_node_port: None,
-            ports: vec![ServicePort {
-                name: String::new(),
-                port: 80,
-                protocol: Protocol::Tcp,
-                node_port: None,
-                endpoints: endpoints.iter().map(|octet| endpoint(*octet)).collect(),
-            }],
-            created: SystemTime::UNIX_EPOCH,
-        };
-        desired.services.insert(name, Arc::new(service));
-    }
-    desired
+    let services: Vec<(&str, [u8; 4], Vec<Endpoint>)> = services
+        .iter()
+        .map(|(name, ip, endpoints)| {
+            let endpoints = endpoints.iter().map(|octet| endpoint(*octet, true));
+            (*name, [10, 96, 0, *ip], endpoints.collect())
+        })
+        .collect();
+    tests::state(&services)
 }
 
 /// What a fresh agent would put in empty maps for `desired`, ids aside.
@@ -352,12 +302,14 @@ fn flows(maps: &TestMaps) -> Vec<u16> {
 #[test]
 fn a_full_map_takes_what_the_plan_removes_before_what_it_adds() {
     // Room for exactly one Service with two endpoints, in every map.
-    let mut maps = TestMaps::new(Room {
+    let Some(mut maps) = TestMaps::new(Room {
         services: 3,
         backends: 2,
         rev_nat: 1,
         frontend_addresses: 1,
-    });
+    }) else {
+        return;
+    };
     let mut syncer = Syncer::new(&maps, Node::default()).unwrap();
     syncer
         .sync(&state(&[("old", 10, &[2, 3])]), &mut maps)
@@ -370,10 +322,12 @@ fn a_full_map_takes_what_the_plan_removes_before_what_it_adds() {
 
 #[test]
 fn a_full_map_is_one_error_naming_the_map_what_did_not_fit_and_whose() {
-    let mut maps = TestMaps::new(Room {
+    let Some(mut maps) = TestMaps::new(Room {
         services: 2,
         ..ROOMY
-    });
+    }) else {
+        return;
+    };
     let mut syncer = Syncer::new(&maps, Node::default()).unwrap();
     // Each Service needs a count and a slot: both slots fit, neither count does.
     let error = syncer
@@ -392,10 +346,12 @@ fn a_full_map_is_one_error_naming_the_map_what_did_not_fit_and_whose() {
 
 #[test]
 fn after_a_failed_sync_the_next_one_rereads_the_maps_and_purges_stale_flows() {
-    let mut maps = TestMaps::new(Room {
+    let Some(mut maps) = TestMaps::new(Room {
         services: 2,
         ..ROOMY
-    });
+    }) else {
+        return;
+    };
     let mut syncer = Syncer::new(&maps, Node::default()).unwrap();
     let one = state(&[("b", 11, &[3])]);
     syncer.sync(&one, &mut maps).unwrap();
@@ -423,7 +379,9 @@ fn after_a_failed_sync_the_next_one_rereads_the_maps_and_purges_stale_flows() {
 
 #[test]
 fn a_delete_that_finds_nothing_is_done_and_the_rest_of_its_run_goes_on() {
-    let mut maps = TestMaps::new(ROOMY);
+    let Some(mut maps) = TestMaps::new(ROOMY) else {
+        return;
+    };
     let mut syncer = Syncer::new(&maps, Node::default()).unwrap();
     syncer
         .sync(&state(&[("web", 10, &[2, 3, 4])]), &mut maps)
@@ -442,7 +400,9 @@ fn a_delete_that_finds_nothing_is_done_and_the_rest_of_its_run_goes_on() {
 
 #[test]
 fn ids_go_past_the_watermarks_and_the_maps_and_are_recorded_before_use() {
-    let mut maps = TestMaps::new(ROOMY);
+    let Some(mut maps) = TestMaps::new(ROOMY) else {
+        return;
+    };
     // A previous agent handed out ids up to 99 and 49, and left backend 120 in the maps.
     maps.watermarks = NextIds {
         backend: 100,
@@ -498,7 +458,9 @@ fn ids_go_past_the_watermarks_and_the_maps_and_are_recorded_before_use() {
 
 #[test]
 fn the_first_sync_purges_flows_that_name_ids_the_maps_do_not_hold() {
-    let mut maps = TestMaps::new(ROOMY);
+    let Some(mut maps) = TestMaps::new(ROOMY) else {
+        return;
+    };
     let web = state(&[("web", 10, &[2])]);
     Syncer::new(&maps, Node::default())
         .unwrap()
@@ -535,7 +497,9 @@ fn the_first_sync_purges_flows_that_name_ids_the_maps_do_not_hold() {
 
 #[test]
 fn a_purge_that_failed_is_done_by_the_next_sync() {
-    let mut maps = TestMaps::new(ROOMY);
+    let Some(mut maps) = TestMaps::new(ROOMY) else {
+        return;
+    };
     let mut syncer = Syncer::new(&maps, Node::default()).unwrap();
     // Two Services share a backend; one of them loses it, which ends its UDP flows only.
     syncer

@@ -17,7 +17,7 @@ use crate::model::{
     TrafficPolicy,
 };
 
-fn endpoint(last_octet: u8, ready: bool) -> Endpoint {
+pub(super) fn endpoint(last_octet: u8, ready: bool) -> Endpoint {
     Endpoint {
         address: Ipv4Addr::new(10, 244, 0, last_octet),
         port: 8080,
@@ -28,7 +28,8 @@ fn endpoint(last_octet: u8, ready: bool) -> Endpoint {
     }
 }
 
-fn state(services: &[(&str, [u8; 4], Vec<Endpoint>)]) -> DesiredState {
+/// ClusterIP Services with one TCP port 80: (name, ClusterIP, endpoints).
+pub(super) fn state(services: &[(&str, [u8; 4], Vec<Endpoint>)]) -> DesiredState {
     let mut desired = DesiredState::default();
     for (name, ip, endpoints) in services {
         let name = ServiceName {

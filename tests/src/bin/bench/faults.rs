@@ -16,7 +16,7 @@
 //! backend pods serve on 8080 next to nginx: the services' TCP port is pointed there (see
 //! [`retarget`]).
 
-use std::{fmt, fs, net::SocketAddrV4, path::PathBuf, process::Command, thread, time::Duration};
+use std::{fmt, fs, net::SocketAddrV4, path::PathBuf, thread, time::Duration};
 
 use anyhow::{Context, Result, bail, ensure};
 use integration_tests::{
@@ -25,7 +25,6 @@ use integration_tests::{
     manifest::ManifestDir,
     netns,
     poll::{CONVERGENCE_TIMEOUT, eventually},
-    process::output_within,
     servers,
     steady_load::{LoadReport, SteadyLoad, Stream, StreamKind},
 };
@@ -40,8 +39,6 @@ use crate::{
 pub const SERVICES: usize = 1_000;
 /// The modes with a proxy to kill: base has none.
 const MODES: [Mode; 3] = [Mode::Iptables, Mode::Nftables, Mode::Agent];
-/// How long loading rules may take.
-const LOAD_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How long each phase of a fault lasts.
 #[derive(Clone, Copy, Debug)]
@@ -268,7 +265,7 @@ impl<'b> Proxy<'b> {
                 rules,
             } => {
                 let (program, args) = loader.split_first().context("an empty loader")?;
-                run_ok(netns::command(node, program)?.args(args).arg(&*rules))
+                modes::run_ok(netns::command(node, program)?.args(args).arg(&*rules))
             }
             Proxy::Agent {
                 bed,
@@ -290,18 +287,6 @@ impl<'b> Proxy<'b> {
         }
         Ok(())
     }
-}
-
-fn run_ok(command: &mut Command) -> Result<()> {
-    let output = output_within(command, LOAD_TIMEOUT)?;
-    if !output.status.success() {
-        bail!(
-            "{command:?} failed ({}): {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    Ok(())
 }
 
 /// kube-proxy's rules with the measured service's TCP endpoints on the line server's port

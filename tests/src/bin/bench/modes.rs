@@ -299,7 +299,8 @@ pub fn hand_over(
     Ok(started)
 }
 
-fn run_ok(command: &mut std::process::Command) -> Result<()> {
+/// Runs `command` (a rules loader), failing with its stderr unless it succeeds.
+pub fn run_ok(command: &mut std::process::Command) -> Result<()> {
     let output = output_within(command, PROGRAMMING_TIMEOUT)?;
     if !output.status.success() {
         bail!(
