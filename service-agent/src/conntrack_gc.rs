@@ -29,9 +29,10 @@ pub const MIN_INTERVAL: Duration = Duration::from_secs(10);
 /// maps get 30 min there): an LRU table cannot fill up with dead entries between two runs.
 pub const MAX_INTERVAL: Duration = Duration::from_secs(12 * 60 * 60);
 
-/// Entries read per system call: 4,096 entries of 36 bytes (key and value) is 144 KiB of
-/// buffers, and a full table of 262,144 entries is read in 64 calls.
-const CHUNK: usize = 4096;
+/// Conntrack entries read per system call, by the collector and by the syncer's purge: 4,096
+/// entries of 36 bytes (key and value) is 144 KiB of buffers, and a full table of 262,144
+/// entries is read in 64 calls.
+pub const CHUNK: usize = 4096;
 
 /// Deletes expired conntrack entries, and says when it should run next.
 ///
@@ -79,16 +80,16 @@ impl ConntrackCollector {
     /// interval; what it deleted stays deleted.
     pub fn collect(&mut self, conntrack: BorrowedFd) -> io::Result<CollectionReport> {
         let started = Instant::now();
-        let (scanned, deleted) = sweep(
+        let swept = sweep(
             conntrack,
             monotonic_coarse_seconds()?,
             &self.lifetimes,
             CHUNK,
         )?;
-        self.interval = next_interval(self.interval, deleted, self.max_entries);
+        self.interval = next_interval(self.interval, swept.deleted, self.max_entries);
         Ok(CollectionReport {
-            scanned,
-            deleted,
+            scanned: swept.scanned,
+            deleted: swept.deleted,
             took: started.elapsed(),
             next_interval: self.interval,
         })
@@ -142,60 +143,34 @@ pub fn monotonic_coarse_seconds() -> io::Result<u32> {
 }
 
 /// Deletes the entries of `conntrack` expired at `now`, reading `chunk` at a time and deleting
-/// each chunk's expired entries before reading on: (entries scanned, entries deleted).
+/// each chunk's expired entries before reading on.
 ///
-/// An entry judged expired may be refreshed before its deletion (Cilium's collector has the same
-/// window). Not by a packet that meets it: the packet path treats an expired entry as gone and
-/// starts over. But a packet meeting the flow's other entry, if that one was still alive,
-/// refreshes both. The deletion then costs the flow no more than an LRU eviction does: a client
-/// packet rebuilds a missing reverse entry from the forward one, a reply a missing forward entry
-/// from the reverse one (and a client packet that finds its forward entry gone first is balanced
-/// as a new flow, as after an eviction).
+/// Between the read that finds an entry expired and its delete, the packet path may write the
+/// key anew: a client reusing its port starts a new flow on the tuple (the packet path treats the
+/// expired entry as gone and records the new flow under the same key), or a packet meeting the
+/// flow's other entry, still alive, refreshes both. Deleting then would take the live entry. So
+/// each entry is looked up again just before its delete and deleted only if it is still expired
+/// by the same rule ([`batch::delete_where`]): what is left of the window is the moment between
+/// that lookup and the delete. An entry lost there costs its flow no more than an LRU eviction
+/// does: a client packet rebuilds a missing reverse entry from the forward one, a reply a missing
+/// forward entry from the reverse one (and a client packet that finds its forward entry gone
+/// first is balanced as a new flow, as after an eviction).
 fn sweep(
     conntrack: BorrowedFd,
     now: u32,
     lifetimes: &ConntrackLifetimes,
     chunk: usize,
-) -> io::Result<(usize, usize)> {
-    let mut scanned = 0;
-    let mut deleted = 0;
-    let mut expired = Vec::new();
-    batch::lookup(
-        conntrack,
-        chunk,
-        |keys: &[ConntrackKeyV4], entries: &[ConntrackEntryV4]| {
-            scanned += keys.len();
-            expired.clear();
-            expired.extend(
-                keys.iter()
-                    .zip(entries)
-                    .filter(|(key, entry)| conntrack_expired(entry, key.protocol, now, lifetimes))
-                    .map(|(key, _)| *key),
-            );
-            deleted += delete_present(conntrack, &expired)?;
-            Ok(())
-        },
-    )?;
-    Ok((scanned, deleted))
+) -> io::Result<batch::Swept> {
+    batch::delete_where(conntrack, chunk, expired_at(now, lifetimes))
 }
 
-/// Deletes `keys` from `map`, skipping those already gone (the LRU evicted them, or the packet
-/// path forgot them, after they were read): how many this call deleted.
-fn delete_present(map: BorrowedFd, keys: &[ConntrackKeyV4]) -> io::Result<usize> {
-    let mut rest = keys;
-    let mut deleted = 0;
-    while !rest.is_empty() {
-        match batch::delete(map, rest) {
-            Ok(()) => return Ok(deleted + rest.len()),
-            Err(stopped) if stopped.error.raw_os_error() == Some(libc::ENOENT) => {
-                // The batch stopped at the missing key: the ones before it are deleted.
-                deleted += stopped.written;
-                rest = rest.get(stopped.written + 1..).unwrap_or_default();
-            }
-            Err(stopped) => return Err(stopped.error),
-        }
-    }
-    Ok(deleted)
+/// The collector's rule, for the read and the re-check alike: whether an entry is past its
+/// lifetime at `now`, as the kernel judges it.
+fn expired_at(
+    now: u32,
+    lifetimes: &ConntrackLifetimes,
+) -> impl Fn(&ConntrackKeyV4, &ConntrackEntryV4) -> bool + '_ {
+    move |key, entry| conntrack_expired(entry, key.protocol, now, lifetimes)
 }
 
 #[cfg(test)]
@@ -288,8 +263,8 @@ mod tests {
 
     const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
 
-    /// A conntrack map like the kernel's, with room for `max_entries`; None when not root.
-    fn conntrack_map(max_entries: u32) -> Option<OwnedFd> {
+    /// A conntrack map like the kernel's, with room for `max_entries`.
+    fn conntrack_map(max_entries: u32) -> OwnedFd {
         batch::test_map(
             BPF_MAP_TYPE_LRU_HASH,
             size_of::<ConntrackKeyV4>(),
@@ -348,9 +323,7 @@ mod tests {
 
     #[test]
     fn a_run_deletes_the_entries_past_their_lifetime_and_keeps_the_others() {
-        let Some(map) = conntrack_map(1000) else {
-            return;
-        };
+        let map = conntrack_map(1000);
         let now = monotonic_coarse_seconds().unwrap();
         let ago = |seconds: u32| {
             now.checked_sub(seconds)
@@ -404,9 +377,7 @@ mod tests {
 
     #[test]
     fn a_run_over_many_chunks_deletes_as_it_reads() {
-        let Some(map) = conntrack_map(4096) else {
-            return;
-        };
+        let map = conntrack_map(4096);
         let now = monotonic_coarse_seconds().unwrap();
         let expired = now
             .checked_sub(100)
@@ -418,8 +389,8 @@ mod tests {
             .collect();
         batch::update(map.as_fd(), &keys, &entries).unwrap();
 
-        let (scanned, deleted) = sweep(map.as_fd(), now, &ConntrackLifetimes::DEFAULT, 7).unwrap();
-        assert_eq!((scanned, deleted), (3000, 1000));
+        let swept = sweep(map.as_fd(), now, &ConntrackLifetimes::DEFAULT, 7).unwrap();
+        assert_eq!((swept.scanned, swept.deleted), (3000, 1000));
         let mut kept: Vec<_> = (0..3000)
             .filter(|n| n % 3 != 0)
             .map(|n| key(n, IPPROTO_UDP, CT_FORWARD))
@@ -429,24 +400,30 @@ mod tests {
     }
 
     #[test]
-    fn keys_gone_before_their_deletion_are_skipped() {
-        let Some(map) = conntrack_map(100) else {
-            return;
-        };
-        let present: Vec<_> = (0..4).map(|n| key(n, IPPROTO_UDP, CT_FORWARD)).collect();
-        batch::update(map.as_fd(), &present, &[entry(0, 0); 4]).unwrap();
-        let gone = |n| key(n, IPPROTO_UDP, CT_REVERSE);
-        let keys = [
-            gone(0),
-            present[0],
-            present[1],
-            gone(1),
-            gone(2),
-            present[2],
-            present[3],
-            gone(3),
-        ];
-        assert_eq!(delete_present(map.as_fd(), &keys).unwrap(), 4);
-        assert_eq!(keys_in(&map), []);
+    fn a_flow_restarted_on_an_expired_tuple_keeps_its_new_entry() {
+        let map = conntrack_map(100);
+        let now = monotonic_coarse_seconds().unwrap();
+        let expired = now
+            .checked_sub(100)
+            .expect("the machine must have been up for two minutes");
+        let keys: Vec<_> = (0..4).map(|n| key(n, IPPROTO_UDP, CT_FORWARD)).collect();
+        batch::update(map.as_fd(), &keys, &[entry(0, expired); 4]).unwrap();
+        // Flow 1's client starts a new flow on the tuple while the collector walks the map:
+        // after the read that found the old one expired, before its delete.
+        let restarted = keys[1];
+        let mut read = Vec::new();
+        let rule = expired_at(now, &LIFETIMES);
+        let swept = batch::delete_where(map.as_fd(), 64, |key, found| {
+            if !read.contains(key) {
+                read.push(*key);
+                if *key == restarted {
+                    batch::update(map.as_fd(), &[restarted], &[entry(0, now)]).unwrap();
+                }
+            }
+            rule(key, found)
+        })
+        .unwrap();
+        assert_eq!((swept.scanned, swept.deleted), (4, 3));
+        assert_eq!(keys_in(&map), [restarted]);
     }
 }

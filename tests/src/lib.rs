@@ -23,21 +23,22 @@ pub mod steady_load;
 pub mod topology;
 pub mod unique;
 
-use std::io::Write;
-
-/// Whether this process may create network namespaces and load BPF programs. Tests call it first
-/// and return early when it is false, so that an unprivileged `cargo test` passes (and says why it
-/// tested nothing) instead of failing on permissions.
+/// Whether this process may create network namespaces and load BPF programs: the demo and the
+/// benchmark say so and exit non-zero when it may not.
 pub fn privileged(what: &str) -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } == 0 {
         return true;
     }
-    // Straight to the file descriptor: libtest captures `eprintln!` of passing tests, and a skip
-    // must be visible.
-    let _ = writeln!(
-        std::io::stderr(),
-        "skipping {what}: needs root (network namespaces and BPF)"
-    );
+    eprintln!("{what} needs root (network namespaces and BPF)");
     false
+}
+
+/// Tests call it first: a test that cannot run where it is fails, saying why, rather than pass
+/// having tested nothing.
+pub fn require_root(test: &str) {
+    assert!(
+        privileged(test),
+        "{test} needs root (network namespaces and BPF): run `cargo xtask test` as root"
+    );
 }

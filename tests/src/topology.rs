@@ -288,9 +288,7 @@ mod tests {
     /// gone afterwards.
     #[test]
     fn pods_reach_each_other_through_the_node_and_nothing_is_left() -> Result<()> {
-        if !crate::privileged("pods_reach_each_other_through_the_node_and_nothing_is_left") {
-            return Ok(());
-        }
+        crate::require_root("pods_reach_each_other_through_the_node_and_nothing_is_left");
         let topology = Topology::new()?;
         let client = topology.add_pod("client", Ipv4Addr::new(10, 244, 0, 10))?;
         let backend = topology.add_backend_pod("backend", Ipv4Addr::new(10, 244, 0, 20))?;

@@ -1,8 +1,8 @@
 //! API-server mode end to end: the agent (`--kubeconfig`) watches a stand-in kube-apiserver
 //! (`integration_tests::apiserver`) in the node's namespace, and real TCP/UDP traffic from a
 //! client pod shows that the dataplane follows what the API says, and keeps what it has when the
-//! API server misbehaves. Every test builds its own node, pods and API server, and skips when not
-//! run as root.
+//! API server misbehaves. Every test builds its own node, pods and API server, and fails, saying why,
+//! when not run as root.
 
 use std::{
     io::{Read as _, Write as _},
@@ -22,7 +22,7 @@ use integration_tests::{
     manifest::{SERVICE_TCP_PORT, SERVICE_UDP_PORT},
     netns,
     poll::{CONVERGENCE_TIMEOUT, eventually},
-    privileged,
+    require_root,
     servers::{TCP_PORT, UDP_PORT},
     topology::{Pod, Topology},
 };
@@ -108,9 +108,7 @@ fn serve_web<'t>(
 
 #[test]
 fn a_service_created_through_the_api_answers_and_follows_its_slices() -> Result<()> {
-    if !privileged("a_service_created_through_the_api_answers_and_follows_its_slices") {
-        return Ok(());
-    }
+    require_root("a_service_created_through_the_api_answers_and_follows_its_slices");
     let (topology, client, web) = node(&["web-0", "web-1", "web-2"])?;
     let api = StandInApiServer::start_in(topology.node_netns())?;
     let agent = start_agent(&topology, &api, &[])?;
@@ -151,9 +149,7 @@ fn a_service_created_through_the_api_answers_and_follows_its_slices() -> Result<
 
 #[test]
 fn a_terminating_endpoint_gets_no_new_flows_and_is_the_last_resort() -> Result<()> {
-    if !privileged("a_terminating_endpoint_gets_no_new_flows_and_is_the_last_resort") {
-        return Ok(());
-    }
+    require_root("a_terminating_endpoint_gets_no_new_flows_and_is_the_last_resort");
     let (topology, client, web) = node(&["web-0", "web-1"])?;
     let api = StandInApiServer::start_in(topology.node_netns())?;
     let agent = serve_web(&topology, &api, &client, &web)?;
@@ -179,9 +175,7 @@ fn a_terminating_endpoint_gets_no_new_flows_and_is_the_last_resort() -> Result<(
 
 #[test]
 fn a_terminating_endpoints_open_connections_finish() -> Result<()> {
-    if !privileged("a_terminating_endpoints_open_connections_finish") {
-        return Ok(());
-    }
+    require_root("a_terminating_endpoints_open_connections_finish");
     let (topology, client, web) = node(&["web-0", "web-1"])?;
     let api = StandInApiServer::start_in(topology.node_netns())?;
     let agent = serve_web(&topology, &api, &client, &web[..1])?;
@@ -229,9 +223,7 @@ fn probe(netns_name: &str, port: u16, path: &str) -> Result<String> {
 
 #[test]
 fn an_api_server_down_at_start_or_slow_delays_readiness_only() -> Result<()> {
-    if !privileged("an_api_server_down_at_start_or_slow_delays_readiness_only") {
-        return Ok(());
-    }
+    require_root("an_api_server_down_at_start_or_slow_delays_readiness_only");
     let (topology, client, web) = node(&["web-0"])?;
     let api = StandInApiServer::start_in(topology.node_netns())?;
     api.apply(Resource::Services, web_service());
@@ -275,9 +267,7 @@ fn an_api_server_down_at_start_or_slow_delays_readiness_only() -> Result<()> {
 
 #[test]
 fn an_api_outage_mid_run_changes_nothing_in_the_dataplane() -> Result<()> {
-    if !privileged("an_api_outage_mid_run_changes_nothing_in_the_dataplane") {
-        return Ok(());
-    }
+    require_root("an_api_outage_mid_run_changes_nothing_in_the_dataplane");
     let (topology, client, web) = node(&["web-0", "web-1"])?;
     let api = StandInApiServer::start_in(topology.node_netns())?;
     let agent = serve_web(&topology, &api, &client, &web)?;
@@ -327,9 +317,7 @@ fn an_api_outage_mid_run_changes_nothing_in_the_dataplane() -> Result<()> {
 
 #[test]
 fn a_watch_answered_410_gone_relists_without_flushing() -> Result<()> {
-    if !privileged("a_watch_answered_410_gone_relists_without_flushing") {
-        return Ok(());
-    }
+    require_root("a_watch_answered_410_gone_relists_without_flushing");
     let (topology, client, web) = node(&["web-0", "web-1"])?;
     let api = StandInApiServer::start_in(topology.node_netns())?;
     let agent = serve_web(&topology, &api, &client, &web[..1])?;
@@ -379,9 +367,7 @@ fn a_watch_answered_410_gone_relists_without_flushing() -> Result<()> {
 
 #[test]
 fn a_burst_of_watch_events_becomes_a_few_syncs() -> Result<()> {
-    if !privileged("a_burst_of_watch_events_becomes_a_few_syncs") {
-        return Ok(());
-    }
+    require_root("a_burst_of_watch_events_becomes_a_few_syncs");
     const SERVICES: usize = 50;
     let (topology, client, web) = node(&["web-0"])?;
     let api = StandInApiServer::start_in(topology.node_netns())?;
@@ -434,9 +420,7 @@ fn a_burst_of_watch_events_becomes_a_few_syncs() -> Result<()> {
 
 #[test]
 fn a_bad_update_is_reported_and_the_last_good_service_stays() -> Result<()> {
-    if !privileged("a_bad_update_is_reported_and_the_last_good_service_stays") {
-        return Ok(());
-    }
+    require_root("a_bad_update_is_reported_and_the_last_good_service_stays");
     let (topology, client, web) = node(&["web-0"])?;
     let api = StandInApiServer::start_in(topology.node_netns())?;
     let agent = serve_web(&topology, &api, &client, &web[..1])?;

@@ -1,7 +1,7 @@
 //! ClusterIP Services end to end: a client pod's real TCP and UDP traffic to a Service's virtual IP,
 //! translated by `service-agent` on the node to the backend pods that the manifests make ready.
 //! Every test builds its own node and pods (see `integration_tests::topology`), so they run in
-//! parallel, and skips when not run as root.
+//! parallel, and fails, saying why, when not run as root.
 
 use std::{
     fs,
@@ -18,7 +18,7 @@ use integration_tests::{
     client::{Tally, Transport},
     manifest::{self, ManifestDir, SERVICE_TCP_PORT, SERVICE_UDP_PORT},
     poll::{CONVERGENCE_TIMEOUT, eventually},
-    privileged,
+    require_root,
     topology::{Pod, Topology},
 };
 
@@ -82,9 +82,7 @@ fn assert_answered_by_all(tally: &Tally, backends: &[Pod], what: &str) -> Result
 
 #[test]
 fn clusterip_spreads_tcp_and_udp_over_every_ready_backend() -> Result<()> {
-    if !privileged("clusterip_spreads_tcp_and_udp_over_every_ready_backend") {
-        return Ok(());
-    }
+    require_root("clusterip_spreads_tcp_and_udp_over_every_ready_backend");
     let topology = Topology::new()?;
     let client = topology.add_pod("client", CLIENT_IP)?;
     let web = add_backend_pods(&topology, &["web-0", "web-1", "web-2"])?;
@@ -122,9 +120,7 @@ fn clusterip_spreads_tcp_and_udp_over_every_ready_backend() -> Result<()> {
 
 #[test]
 fn scaling_changes_the_answering_backends_while_traffic_flows() -> Result<()> {
-    if !privileged("scaling_changes_the_answering_backends_while_traffic_flows") {
-        return Ok(());
-    }
+    require_root("scaling_changes_the_answering_backends_while_traffic_flows");
     let topology = Topology::new()?;
     let client = topology.add_pod("client", CLIENT_IP)?;
     let observer = topology.add_pod("observer", Ipv4Addr::new(10, 244, 0, 11))?;
@@ -182,9 +178,7 @@ fn scaling_changes_the_answering_backends_while_traffic_flows() -> Result<()> {
 
 #[test]
 fn deleting_a_service_stops_its_clusterip_and_recreating_it_restores_it() -> Result<()> {
-    if !privileged("deleting_a_service_stops_its_clusterip_and_recreating_it_restores_it") {
-        return Ok(());
-    }
+    require_root("deleting_a_service_stops_its_clusterip_and_recreating_it_restores_it");
     let topology = Topology::new()?;
     let client = topology.add_pod("client", CLIENT_IP)?;
     let web = add_backend_pods(&topology, &["web-0", "web-1"])?;
@@ -225,9 +219,7 @@ fn deleting_a_service_stops_its_clusterip_and_recreating_it_restores_it() -> Res
 
 #[test]
 fn a_broken_manifest_keeps_the_last_good_state() -> Result<()> {
-    if !privileged("a_broken_manifest_keeps_the_last_good_state") {
-        return Ok(());
-    }
+    require_root("a_broken_manifest_keeps_the_last_good_state");
     let topology = Topology::new()?;
     let client = topology.add_pod("client", CLIENT_IP)?;
     let web = add_backend_pods(&topology, &["web-0", "web-1", "web-2"])?;
@@ -283,9 +275,7 @@ fn a_broken_manifest_keeps_the_last_good_state() -> Result<()> {
 
 #[test]
 fn the_same_service_name_in_two_namespaces_is_two_services() -> Result<()> {
-    if !privileged("the_same_service_name_in_two_namespaces_is_two_services") {
-        return Ok(());
-    }
+    require_root("the_same_service_name_in_two_namespaces_is_two_services");
     let topology = Topology::new()?;
     let client = topology.add_pod("client", CLIENT_IP)?;
     let backends = add_backend_pods(&topology, &["web-a0", "web-a1", "web-b0"])?;
@@ -318,9 +308,7 @@ fn the_same_service_name_in_two_namespaces_is_two_services() -> Result<()> {
 
 #[test]
 fn the_datapath_outlives_sigterm_a_new_agent_adopts_it_and_cleanup_removes_it() -> Result<()> {
-    if !privileged("the_datapath_outlives_sigterm_a_new_agent_adopts_it_and_cleanup_removes_it") {
-        return Ok(());
-    }
+    require_root("the_datapath_outlives_sigterm_a_new_agent_adopts_it_and_cleanup_removes_it");
     let topology = Topology::new()?;
     let client = topology.add_pod("client", CLIENT_IP)?;
     let web = add_backend_pods(&topology, &["web-0"])?;
@@ -385,9 +373,7 @@ fn the_datapath_outlives_sigterm_a_new_agent_adopts_it_and_cleanup_removes_it() 
 
 #[test]
 fn the_link_sysctls_are_written_where_proc_sys_net_says() -> Result<()> {
-    if !privileged("the_link_sysctls_are_written_where_proc_sys_net_says") {
-        return Ok(());
-    }
+    require_root("the_link_sysctls_are_written_where_proc_sys_net_says");
     // A container's own /proc/sys is read-only; the DaemonSet hands the agent the host's
     // /proc/sys/net mounted elsewhere. A directory of the same shape stands in for it here.
     let topology = Topology::new()?;

@@ -17,7 +17,7 @@ use integration_tests::{
     lan::{self, CLIENT_IP, EXTERNAL_INTERFACE, Lan},
     manifest::{self, Exposure, ManifestDir, SERVICE_TCP_PORT, SERVICE_UDP_PORT},
     poll::{CONVERGENCE_TIMEOUT, eventually},
-    privileged, servers,
+    require_root, servers,
     topology::Pod,
 };
 
@@ -155,11 +155,9 @@ fn refused_quickly(client: &Pod, to: SocketAddrV4) -> Result<()> {
 #[test]
 fn nodeport_reaches_a_backend_on_the_other_node_and_replies_return_through_the_first() -> Result<()>
 {
-    if !privileged(
+    require_root(
         "nodeport_reaches_a_backend_on_the_other_node_and_replies_return_through_the_first",
-    ) {
-        return Ok(());
-    }
+    );
     let cluster = Cluster::new()?;
     node_port_across_nodes(&cluster, "native")?;
     let counters = cluster.lan.xdp_counters(NODE_A)?;
@@ -177,9 +175,7 @@ fn nodeport_reaches_a_backend_on_the_other_node_and_replies_return_through_the_f
 // The same in generic XDP, and with XDP off (TC does everything).
 #[test]
 fn nodeport_across_nodes_works_in_generic_xdp_and_without_xdp() -> Result<()> {
-    if !privileged("nodeport_across_nodes_works_in_generic_xdp_and_without_xdp") {
-        return Ok(());
-    }
+    require_root("nodeport_across_nodes_works_in_generic_xdp_and_without_xdp");
     for mode in ["generic", "off"] {
         let cluster = Cluster::new()?;
         node_port_across_nodes(&cluster, mode).with_context(|| format!("--xdp-mode {mode}"))?;
@@ -243,9 +239,7 @@ fn node_port_across_nodes(cluster: &Cluster, xdp_mode: &str) -> Result<()> {
 // load balancer sends traffic only to nodes that serve it.
 #[test]
 fn local_load_balancers_answer_health_checks_with_their_local_endpoints() -> Result<()> {
-    if !privileged("local_load_balancers_answer_health_checks_with_their_local_endpoints") {
-        return Ok(());
-    }
+    require_root("local_load_balancers_answer_health_checks_with_their_local_endpoints");
     const HEALTH_CHECK_PORT: u16 = 32100;
     let cluster = Cluster::new()?;
     let b_web = cluster.backend(NODE_B, "b-web", 22)?;
@@ -301,9 +295,7 @@ fn http_get(from: &Pod, to: SocketAddrV4) -> Result<String> {
 
 #[test]
 fn local_policy_serves_only_where_an_endpoint_runs_and_keeps_the_client_address() -> Result<()> {
-    if !privileged("local_policy_serves_only_where_an_endpoint_runs_and_keeps_the_client_address") {
-        return Ok(());
-    }
+    require_root("local_policy_serves_only_where_an_endpoint_runs_and_keeps_the_client_address");
     let cluster = Cluster::new()?;
     let b_web = cluster.backend(NODE_B, "b-web", 20)?;
     let exposure = Exposure {
@@ -349,9 +341,7 @@ fn local_policy_serves_only_where_an_endpoint_runs_and_keeps_the_client_address(
 
 #[test]
 fn load_balancer_ingress_and_external_ips_reach_backends_on_both_nodes() -> Result<()> {
-    if !privileged("load_balancer_ingress_and_external_ips_reach_backends_on_both_nodes") {
-        return Ok(());
-    }
+    require_root("load_balancer_ingress_and_external_ips_reach_backends_on_both_nodes");
     let cluster = Cluster::new()?;
     let a_web = cluster.backend(NODE_A, "a-web", 20)?;
     let b_web = cluster.backend(NODE_B, "b-web", 20)?;
@@ -395,9 +385,7 @@ fn load_balancer_ingress_and_external_ips_reach_backends_on_both_nodes() -> Resu
 
 #[test]
 fn services_without_endpoints_refuse_connections_at_once() -> Result<()> {
-    if !privileged("services_without_endpoints_refuse_connections_at_once") {
-        return Ok(());
-    }
+    require_root("services_without_endpoints_refuse_connections_at_once");
     let cluster = Cluster::new()?;
     let a_client = cluster
         .lan
@@ -443,9 +431,7 @@ fn services_without_endpoints_refuse_connections_at_once() -> Result<()> {
 // node A would swallow it and the client would only time out.
 #[test]
 fn a_backends_port_unreachable_reaches_the_external_client() -> Result<()> {
-    if !privileged("a_backends_port_unreachable_reaches_the_external_client") {
-        return Ok(());
-    }
+    require_root("a_backends_port_unreachable_reaches_the_external_client");
     let cluster = Cluster::new()?;
     let b_web = cluster.backend(NODE_B, "b-web", 20)?;
     let exposure = Exposure {
@@ -484,9 +470,7 @@ fn a_backends_port_unreachable_reaches_the_external_client() -> Result<()> {
 
 #[test]
 fn a_pod_reaching_its_own_service_gets_its_replies() -> Result<()> {
-    if !privileged("a_pod_reaching_its_own_service_gets_its_replies") {
-        return Ok(());
-    }
+    require_root("a_pod_reaching_its_own_service_gets_its_replies");
     let cluster = Cluster::new()?;
     let a_web = cluster.backend(NODE_A, "a-web", 20)?;
     let exposure = Exposure {
@@ -519,9 +503,7 @@ fn a_pod_reaching_its_own_service_gets_its_replies() -> Result<()> {
 
 #[test]
 fn parallel_clients_through_one_nodeport_each_get_their_own_translation() -> Result<()> {
-    if !privileged("parallel_clients_through_one_nodeport_each_get_their_own_translation") {
-        return Ok(());
-    }
+    require_root("parallel_clients_through_one_nodeport_each_get_their_own_translation");
     let cluster = Cluster::new()?;
     let b_web = cluster.backend(NODE_B, "b-web", 20)?;
     let exposure = Exposure {
@@ -578,9 +560,7 @@ fn parallel_clients_through_one_nodeport_each_get_their_own_translation() -> Res
 
 #[test]
 fn type_changes_open_and_close_node_ports_live() -> Result<()> {
-    if !privileged("type_changes_open_and_close_node_ports_live") {
-        return Ok(());
-    }
+    require_root("type_changes_open_and_close_node_ports_live");
     let cluster = Cluster::new()?;
     let b_web = cluster.backend(NODE_B, "b-web", 20)?;
     let write = |exposure: &Exposure| {

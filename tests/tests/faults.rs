@@ -24,8 +24,8 @@ use integration_tests::{
     lan::{self, EXTERNAL_INTERFACE, Lan},
     manifest::{self, Exposure, ManifestDir, SERVICE_TCP_PORT, SERVICE_UDP_PORT},
     poll::{CONVERGENCE_TIMEOUT, eventually},
-    privileged,
     process::{COMMAND_TIMEOUT, output_within},
+    require_root,
     steady_load::{LoadReport, SteadyLoad, Stream, StreamKind},
     topology::Pod,
 };
@@ -207,9 +207,7 @@ fn under_load(
 
 #[test]
 fn kill_9_and_a_new_agent_3_s_later_drop_no_request() -> Result<()> {
-    if !privileged("kill_9_and_a_new_agent_3_s_later_drop_no_request") {
-        return Ok(());
-    }
+    require_root("kill_9_and_a_new_agent_3_s_later_drop_no_request");
     let bed = Bed::new()?;
     let _node_b = bed.agent(NODE_B, &[])?;
     let agent = bed.agent(NODE_A, &[])?;
@@ -237,9 +235,7 @@ fn ensure_adopted(agent: Option<&Agent>) -> Result<()> {
 
 #[test]
 fn sigterm_and_a_new_agent_drop_no_request() -> Result<()> {
-    if !privileged("sigterm_and_a_new_agent_drop_no_request") {
-        return Ok(());
-    }
+    require_root("sigterm_and_a_new_agent_drop_no_request");
     let bed = Bed::new()?;
     let _node_b = bed.agent(NODE_B, &[])?;
     let agent = bed.agent(NODE_A, &[])?;
@@ -260,9 +256,7 @@ fn sigterm_and_a_new_agent_drop_no_request() -> Result<()> {
 /// flow's first packets may be lost: see the README).
 #[test]
 fn an_upgrade_across_a_map_layout_change_drops_no_request() -> Result<()> {
-    if !privileged("an_upgrade_across_a_map_layout_change_drops_no_request") {
-        return Ok(());
-    }
+    require_root("an_upgrade_across_a_map_layout_change_drops_no_request");
     let bed = Bed::new()?;
     let _node_b = bed.agent(NODE_B, &[])?;
     let agent = bed.agent(NODE_A, &[])?;
@@ -300,9 +294,7 @@ fn an_upgrade_across_a_map_layout_change_drops_no_request() -> Result<()> {
 /// the swap may be balanced again (the README says so).
 #[test]
 fn a_conntrack_layout_change_keeps_established_connections() -> Result<()> {
-    if !privileged("a_conntrack_layout_change_keeps_established_connections") {
-        return Ok(());
-    }
+    require_root("a_conntrack_layout_change_keeps_established_connections");
     let bed = Bed::new()?;
     let _node_b = bed.agent(NODE_B, &[])?;
     let agent = bed.agent(NODE_A, &[])?;
@@ -343,9 +335,7 @@ fn a_conntrack_layout_change_keeps_established_connections() -> Result<()> {
 /// flows. Only the long-lived connections whose backend left may break.
 #[test]
 fn endpoint_churn_drops_no_request_but_those_of_removed_backends() -> Result<()> {
-    if !privileged("endpoint_churn_drops_no_request_but_those_of_removed_backends") {
-        return Ok(());
-    }
+    require_root("endpoint_churn_drops_no_request_but_those_of_removed_backends");
     let bed = Bed::new()?;
     let spare = bed
         .lan
@@ -384,9 +374,7 @@ fn endpoint_churn_drops_no_request_but_those_of_removed_backends() -> Result<()>
 /// the log names the full map, and once room is made the rest is programmed.
 #[test]
 fn a_full_map_keeps_serving_and_takes_the_rest_once_room_is_made() -> Result<()> {
-    if !privileged("a_full_map_keeps_serving_and_takes_the_rest_once_room_is_made") {
-        return Ok(());
-    }
+    require_root("a_full_map_keeps_serving_and_takes_the_rest_once_room_is_made");
     let bed = Bed::new()?;
     let _node_b = bed.agent(NODE_B, &[])?;
     // 64 service entries, 16 rev-NAT entries: web's six frontends (ClusterIP, node IP and
@@ -438,9 +426,7 @@ fn a_full_map_keeps_serving_and_takes_the_rest_once_room_is_made() -> Result<()>
 /// must act on neither half.
 #[test]
 fn a_manifest_saved_by_delete_and_create_withdraws_nothing() -> Result<()> {
-    if !privileged("a_manifest_saved_by_delete_and_create_withdraws_nothing") {
-        return Ok(());
-    }
+    require_root("a_manifest_saved_by_delete_and_create_withdraws_nothing");
     let bed = Bed::new()?;
     let _node_b = bed.agent(NODE_B, &[])?;
     let _node_a = bed.agent(NODE_A, &[])?;
@@ -472,9 +458,7 @@ fn a_manifest_saved_by_delete_and_create_withdraws_nothing() -> Result<()> {
 /// agent filled.
 #[test]
 fn a_new_agent_that_can_read_nothing_keeps_what_the_maps_hold() -> Result<()> {
-    if !privileged("a_new_agent_that_can_read_nothing_keeps_what_the_maps_hold") {
-        return Ok(());
-    }
+    require_root("a_new_agent_that_can_read_nothing_keeps_what_the_maps_hold");
     let bed = Bed::new()?;
     let _node_b = bed.agent(NODE_B, &[])?;
     let agent = bed.agent(NODE_A, &[])?;
@@ -512,9 +496,7 @@ fn a_new_agent_that_can_read_nothing_keeps_what_the_maps_hold() -> Result<()> {
 /// refuses, saying why.
 #[test]
 fn the_agent_refuses_a_pin_dir_that_would_not_outlive_it() -> Result<()> {
-    if !privileged("the_agent_refuses_a_pin_dir_that_would_not_outlive_it") {
-        return Ok(());
-    }
+    require_root("the_agent_refuses_a_pin_dir_that_would_not_outlive_it");
     let bed = Bed::new()?;
     let node = bed.lan.node(NODE_A);
     let pin_dir = node.run_id().pin_dir();
@@ -548,9 +530,7 @@ fn the_agent_refuses_a_pin_dir_that_would_not_outlive_it() -> Result<()> {
 /// exits without removing anything: the previous agent's datapath keeps serving.
 #[test]
 fn an_agent_that_fails_at_start_leaves_the_datapath_as_it_was() -> Result<()> {
-    if !privileged("an_agent_that_fails_at_start_leaves_the_datapath_as_it_was") {
-        return Ok(());
-    }
+    require_root("an_agent_that_fails_at_start_leaves_the_datapath_as_it_was");
     let bed = Bed::new()?;
     let _node_b = bed.agent(NODE_B, &[])?;
     let agent = bed.agent(NODE_A, &[])?;
@@ -586,9 +566,7 @@ fn an_agent_that_fails_at_start_leaves_the_datapath_as_it_was() -> Result<()> {
 /// are adopted.
 #[test]
 fn a_new_agent_removes_the_links_of_interfaces_gone_meanwhile() -> Result<()> {
-    if !privileged("a_new_agent_removes_the_links_of_interfaces_gone_meanwhile") {
-        return Ok(());
-    }
+    require_root("a_new_agent_removes_the_links_of_interfaces_gone_meanwhile");
     let bed = Bed::new()?;
     let node = bed.lan.node(NODE_A);
     // A link the pod glob matches, with no pod behind it: only its attachment matters here.
@@ -636,9 +614,7 @@ fn a_new_agent_removes_the_links_of_interfaces_gone_meanwhile() -> Result<()> {
 /// previous agent programmed rather than serve nothing.
 #[test]
 fn a_new_agent_that_can_parse_nothing_keeps_what_the_maps_hold() -> Result<()> {
-    if !privileged("a_new_agent_that_can_parse_nothing_keeps_what_the_maps_hold") {
-        return Ok(());
-    }
+    require_root("a_new_agent_that_can_parse_nothing_keeps_what_the_maps_hold");
     let bed = Bed::new()?;
     let _node_b = bed.agent(NODE_B, &[])?;
     let agent = bed.agent(NODE_A, &[])?;
@@ -676,9 +652,7 @@ fn a_new_agent_that_can_parse_nothing_keeps_what_the_maps_hold() -> Result<()> {
 /// second refuses, and the first goes on.
 #[test]
 fn a_second_agent_on_the_same_pin_dir_is_refused() -> Result<()> {
-    if !privileged("a_second_agent_on_the_same_pin_dir_is_refused") {
-        return Ok(());
-    }
+    require_root("a_second_agent_on_the_same_pin_dir_is_refused");
     let bed = Bed::new()?;
     let node = bed.lan.node(NODE_A);
     let agent = bed.agent(NODE_A, &[])?;

@@ -207,20 +207,17 @@ struct Fixture {
 
 impl Fixture {
     /// The ClusterIP `web` service (TCP 80, UDP 53) with the given backends, on a node without
-    /// name or address. None when not root: the caller skips.
-    fn new(backends: &[u8]) -> Option<Self> {
-        let mut fixture = Self::on_node(Node::default())?;
+    /// name or address.
+    fn new(backends: &[u8]) -> Self {
+        let mut fixture = Self::on_node(Node::default());
         fixture.program(backends);
-        Some(fixture)
+        fixture
     }
 
-    /// A dataplane for `node` (its first IP becomes the SNAT address), with no service yet.
-    /// None when not root: the caller skips (BPF needs CAP_BPF and CAP_NET_ADMIN).
-    fn on_node(node: Node) -> Option<Self> {
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipped: BPF_PROG_TEST_RUN needs root");
-            return None;
-        }
+    /// A dataplane for `node` (its first IP becomes the SNAT address), with no service yet. Fails
+    /// when not root (BPF needs CAP_BPF and CAP_NET_ADMIN).
+    fn on_node(node: Node) -> Self {
+        integration_tests::require_root("the packet fixtures");
         let mut dataplane = Dataplane::load_unpinned().expect("load the dataplane");
         dataplane
             .maps
@@ -231,14 +228,14 @@ impl Fixture {
             )
             .expect("write NODE_V4");
         let syncer = Syncer::new(&dataplane.maps, node).expect("read the maps");
-        Some(Self { dataplane, syncer })
+        Self { dataplane, syncer }
     }
 
     /// A node with the given services.
-    fn serving(node: Node, services: impl IntoIterator<Item = Service>) -> Option<Self> {
-        let mut fixture = Self::on_node(node)?;
+    fn serving(node: Node, services: impl IntoIterator<Item = Service>) -> Self {
+        let mut fixture = Self::on_node(node);
         fixture.sync(&desired(services));
-        Some(fixture)
+        fixture
     }
 
     /// Reprograms the ClusterIP `web` service with other backends.
@@ -337,9 +334,7 @@ fn assert_dnated_and_snated(request: &Packet, verdict: u32, out: &[u8]) -> Snate
 
 #[test]
 fn tcp_to_clusterip_is_dnated_and_the_reply_reverse_natted() {
-    let Some(mut fx) = Fixture::new(&[2]) else {
-        return;
-    };
+    let mut fx = Fixture::new(&[2]);
     let request = Packet::new(TCP, CLIENT, FRONTEND);
     let (verdict, out) = fx.run(&request.bytes());
     assert_eq!(verdict, TC_ACT_OK);
@@ -355,9 +350,7 @@ fn tcp_to_clusterip_is_dnated_and_the_reply_reverse_natted() {
 
 #[test]
 fn udp_to_clusterip_is_dnated_and_the_reply_reverse_natted() {
-    let Some(mut fx) = Fixture::new(&[2]) else {
-        return;
-    };
+    let mut fx = Fixture::new(&[2]);
     let request = Packet::new(UDP, CLIENT, DNS_FRONTEND);
     let (verdict, out) = fx.run(&request.bytes());
     assert_eq!(verdict, TC_ACT_OK);
@@ -372,9 +365,7 @@ fn udp_to_clusterip_is_dnated_and_the_reply_reverse_natted() {
 
 #[test]
 fn udp_without_checksum_keeps_no_checksum() {
-    let Some(mut fx) = Fixture::new(&[2]) else {
-        return;
-    };
+    let mut fx = Fixture::new(&[2]);
     let request = Packet {
         udp_without_checksum: true,
         ..Packet::new(UDP, CLIENT, DNS_FRONTEND)
@@ -386,9 +377,7 @@ fn udp_without_checksum_keeps_no_checksum() {
 
 #[test]
 fn ip_options_move_the_l4_header_and_are_kept() {
-    let Some(mut fx) = Fixture::new(&[2]) else {
-        return;
-    };
+    let mut fx = Fixture::new(&[2]);
     let request = Packet {
         ip_options: vec![1, 1, 1, 0], // NOP, NOP, NOP, end of options
         ..Packet::new(TCP, CLIENT, FRONTEND)
@@ -401,9 +390,7 @@ fn ip_options_move_the_l4_header_and_are_kept() {
 
 #[test]
 fn traffic_for_no_service_passes_untouched() {
-    let Some(mut fx) = Fixture::new(&[2]) else {
-        return;
-    };
+    let mut fx = Fixture::new(&[2]);
     // Another address, the VIP on a port it does not serve, the right port with the wrong
     // protocol, and a reply-shaped packet of a flow that was never translated.
     fx.assert_passed_untouched(
@@ -425,9 +412,7 @@ fn traffic_for_no_service_passes_untouched() {
 
 #[test]
 fn packets_that_cannot_be_bounded_are_never_rewritten() {
-    let Some(mut fx) = Fixture::new(&[2]) else {
-        return;
-    };
+    let mut fx = Fixture::new(&[2]);
     let full = Packet::new(TCP, CLIENT, FRONTEND).bytes();
     // Cut inside the TCP header: the ports are there, the checksum would be beyond the end.
     // (A cut inside the IPv4 header cannot be fed: BPF_PROG_TEST_RUN itself refuses an IPv4
@@ -451,9 +436,7 @@ fn packets_that_cannot_be_bounded_are_never_rewritten() {
 
 #[test]
 fn fragments_are_never_rewritten() {
-    let Some(mut fx) = Fixture::new(&[2]) else {
-        return;
-    };
+    let mut fx = Fixture::new(&[2]);
     let first = Packet {
         fragment: 0x2000, // more fragments, offset 0: has the L4 header, but its siblings do not
         ..Packet::new(UDP, CLIENT, DNS_FRONTEND)
@@ -468,9 +451,7 @@ fn fragments_are_never_rewritten() {
 
 #[test]
 fn a_flow_stays_on_its_backend_and_flows_spread_over_all_backends() {
-    let Some(mut fx) = Fixture::new(&[2, 3, 4]) else {
-        return;
-    };
+    let mut fx = Fixture::new(&[2, 3, 4]);
     let flow = Packet::new(TCP, CLIENT, FRONTEND);
     let first = fx.backend_of(&flow);
     for _ in 0..20 {
@@ -492,9 +473,7 @@ fn a_flow_stays_on_its_backend_and_flows_spread_over_all_backends() {
 // once with ECONNREFUSED instead of timing out.
 #[test]
 fn tcp_to_a_service_without_endpoints_is_refused_with_port_unreachable() {
-    let Some(mut fx) = Fixture::new(&[]) else {
-        return;
-    };
+    let mut fx = Fixture::new(&[]);
     fx.assert_refused(POD, &Packet::new(TCP, CLIENT, FRONTEND));
 }
 
@@ -502,19 +481,14 @@ fn tcp_to_a_service_without_endpoints_is_refused_with_port_unreachable() {
 // longer than the UDP datagram it replaces.
 #[test]
 fn udp_to_a_service_without_endpoints_is_refused_with_port_unreachable() {
-    let Some(mut fx) = Fixture::new(&[]) else {
-        return;
-    };
+    let mut fx = Fixture::new(&[]);
     fx.assert_refused(POD, &Packet::new(UDP, CLIENT, DNS_FRONTEND));
 }
 
 // A nodePort without endpoints is REJECTed for external clients too, from the node's address.
 #[test]
 fn an_external_client_of_a_node_port_without_endpoints_is_refused() {
-    let Some(mut fx) = Fixture::serving(node_a(), [node_port_service(TrafficPolicy::Cluster, &[])])
-    else {
-        return;
-    };
+    let mut fx = Fixture::serving(node_a(), [node_port_service(TrafficPolicy::Cluster, &[])]);
     fx.assert_refused(
         EXTERNAL,
         &Packet::new(TCP, EXTERNAL_CLIENT, NODE_PORT_FRONTEND),
@@ -525,9 +499,7 @@ fn an_external_client_of_a_node_port_without_endpoints_is_refused() {
 // client times out, as if the REJECT were a DROP).
 #[test]
 fn a_packet_with_ip_options_to_a_service_without_endpoints_is_dropped() {
-    let Some(mut fx) = Fixture::new(&[]) else {
-        return;
-    };
+    let mut fx = Fixture::new(&[]);
     let request = Packet {
         ip_options: vec![1, 1, 1, 0],
         ..Packet::new(TCP, CLIENT, FRONTEND)
@@ -537,9 +509,7 @@ fn a_packet_with_ip_options_to_a_service_without_endpoints_is_dropped() {
 
 #[test]
 fn a_flow_whose_backend_was_removed_moves_to_a_remaining_one() {
-    let Some(mut fx) = Fixture::new(&[2]) else {
-        return;
-    };
+    let mut fx = Fixture::new(&[2]);
     let flow = Packet::new(UDP, CLIENT, DNS_FRONTEND);
     assert_eq!(fx.backend_of(&flow), backend(2));
     fx.program(&[3]);
@@ -560,15 +530,13 @@ fn a_flow_whose_backend_was_removed_moves_to_a_remaining_one() {
 // another node (the reply enters through an external link) or on this one (through a pod link).
 #[test]
 fn node_port_from_outside_is_dnated_and_snated_and_the_reply_restored() {
-    let Some(mut fx) = Fixture::serving(
+    let mut fx = Fixture::serving(
         node_a(),
         [node_port_service(
             TrafficPolicy::Cluster,
             &endpoints(&[2, 3, 4]),
         )],
-    ) else {
-        return;
-    };
+    );
     let request = Packet::new(TCP, EXTERNAL_CLIENT, NODE_PORT_FRONTEND);
     let (chosen, snat_port) = fx.backend_and_snat_port_of(EXTERNAL, &request);
     assert!([backend(2), backend(3), backend(4)].contains(&chosen));
@@ -593,13 +561,11 @@ fn node_port_from_outside_is_dnated_and_snated_and_the_reply_restored() {
 // a port by one flow only; then every reply must come back to its own client.
 #[test]
 fn concurrent_node_port_flows_get_distinct_snat_ports() {
-    let Some(mut fx) = Fixture::serving(
+    let mut fx = Fixture::serving(
         node_a(),
         // One backend: every flow competes for the same (backend, port) tuples.
         [node_port_service(TrafficPolicy::Cluster, &endpoints(&[2]))],
-    ) else {
-        return;
-    };
+    );
     let client_ports: Vec<u16> = (0..200).map(|i| 20000 + i).collect();
     let program = &*fx.dataplane.tc_program(EXTERNAL);
     let flows: Vec<(u16, SnatedFlow)> = std::thread::scope(|scope| {
@@ -709,15 +675,13 @@ impl Fixture {
 // lost its reverse entry must get it back from its next packet, keeping its port.
 #[test]
 fn a_snated_flow_whose_reverse_entry_was_evicted_keeps_its_port_and_replies() {
-    let Some(mut fx) = Fixture::serving(
+    let mut fx = Fixture::serving(
         node_a(),
         [node_port_service(
             TrafficPolicy::Cluster,
             &endpoints(&[2, 3, 4]),
         )],
-    ) else {
-        return;
-    };
+    );
     let request = Packet::new(TCP, EXTERNAL_CLIENT, NODE_PORT_FRONTEND);
     let (chosen, snat_port) = fx.backend_and_snat_port_of(EXTERNAL, &request);
     let reply = Packet::new(TCP, chosen, (NODE_IP, snat_port));
@@ -739,12 +703,10 @@ fn a_snated_flow_whose_reverse_entry_was_evicted_keeps_its_port_and_replies() {
 // port) tuple would get each other's replies.
 #[test]
 fn a_snat_port_taken_over_after_eviction_is_never_shared() {
-    let Some(mut fx) = Fixture::serving(
+    let mut fx = Fixture::serving(
         node_a(),
         [node_port_service(TrafficPolicy::Cluster, &endpoints(&[2]))],
-    ) else {
-        return;
-    };
+    );
     let request = Packet::new(TCP, EXTERNAL_CLIENT, NODE_PORT_FRONTEND);
     let (chosen, snat_port) = fx.backend_and_snat_port_of(EXTERNAL, &request);
     let reply = Packet::new(TCP, chosen, (NODE_IP, snat_port));
@@ -782,15 +744,13 @@ fn a_snat_port_taken_over_after_eviction_is_never_shared() {
 // on its backend and its port instead of opening a new flow.
 #[test]
 fn a_reply_restores_an_evicted_forward_entry() {
-    let Some(mut fx) = Fixture::serving(
+    let mut fx = Fixture::serving(
         node_a(),
         [node_port_service(
             TrafficPolicy::Cluster,
             &endpoints(&[2, 3, 4]),
         )],
-    ) else {
-        return;
-    };
+    );
     let request = Packet::new(TCP, EXTERNAL_CLIENT, NODE_PORT_FRONTEND);
     let (chosen, snat_port) = fx.backend_and_snat_port_of(EXTERNAL, &request);
     fx.evict(&request, CT_FORWARD);
@@ -827,12 +787,10 @@ fn a_reply_restores_an_evicted_forward_entry() {
 // runs on CPU 0.
 #[test]
 fn the_snat_ports_of_closed_flows_are_reused_and_those_of_live_ones_never() {
-    let Some(mut fx) = Fixture::serving(
+    let mut fx = Fixture::serving(
         node_a(),
         [node_port_service(TrafficPolicy::Cluster, &endpoints(&[2]))],
-    ) else {
-        return;
-    };
+    );
     run_on_cpu_0();
     let request = Packet::new(TCP, EXTERNAL_CLIENT, NODE_PORT_FRONTEND);
     let (chosen, snat_port) = fx.backend_and_snat_port_of(EXTERNAL, &request);
@@ -919,9 +877,7 @@ fn the_snat_ports_of_closed_flows_are_reused_and_those_of_live_ones_never() {
 #[test]
 fn the_snat_ports_of_idle_udp_flows_are_reused_after_a_minute() {
     let backends = endpoints(&[2]);
-    let Some(mut fx) = Fixture::serving(node_a(), [node_port_service_with_udp(&backends)]) else {
-        return;
-    };
+    let mut fx = Fixture::serving(node_a(), [node_port_service_with_udp(&backends)]);
     run_on_cpu_0();
     let request = Packet::new(UDP, EXTERNAL_CLIENT, NODE_PORT_FRONTEND);
     let (chosen, snat_port) = fx.backend_and_snat_port_of(EXTERNAL, &request);
@@ -1032,7 +988,7 @@ fn keeper_of_backend_2() -> Service {
 
 impl Fixture {
     /// `web` on backend 2, with backend 2 kept by [`keeper_of_backend_2`].
-    fn web_on_backend_2() -> Option<Self> {
+    fn web_on_backend_2() -> Self {
         Self::serving(Node::default(), [web_service(&[2]), keeper_of_backend_2()])
     }
 
@@ -1061,9 +1017,7 @@ impl Fixture {
 // closed flow's entry to backend 2.
 #[test]
 fn a_syn_on_a_closed_flow_is_balanced_afresh() {
-    let Some(mut fx) = Fixture::web_on_backend_2() else {
-        return;
-    };
+    let mut fx = Fixture::web_on_backend_2();
     let request = Packet::new(TCP, CLIENT, FRONTEND);
     let reply = Packet::new(TCP, backend(2), CLIENT);
     fx.assert_sent_to(&request, backend(2), "the only backend");
@@ -1119,9 +1073,7 @@ fn a_syn_on_a_closed_flow_is_balanced_afresh() {
 // packets of the established flow keep its backend, even one that left the Service.
 #[test]
 fn a_bare_syn_on_an_established_flow_is_balanced_afresh() {
-    let Some(mut fx) = Fixture::web_on_backend_2() else {
-        return;
-    };
+    let mut fx = Fixture::web_on_backend_2();
     let request = Packet::new(TCP, CLIENT, FRONTEND);
     let reply = Packet::new(TCP, backend(2), CLIENT);
     fx.assert_sent_to(&request, backend(2), "the only backend");
@@ -1160,9 +1112,7 @@ fn a_bare_syn_on_an_established_flow_is_balanced_afresh() {
 // SYN-ACK was lost): it stays on the flow's backend, even one that left the Service meanwhile.
 #[test]
 fn a_retransmitted_syn_keeps_its_backend_before_the_handshake_completes() {
-    let Some(mut fx) = Fixture::web_on_backend_2() else {
-        return;
-    };
+    let mut fx = Fixture::web_on_backend_2();
     let request = Packet::new(TCP, CLIENT, FRONTEND);
     let reply = Packet::new(TCP, backend(2), CLIENT);
     fx.assert_sent_to(&request, backend(2), "the only backend");
@@ -1186,9 +1136,7 @@ fn a_retransmitted_syn_keeps_its_backend_before_the_handshake_completes() {
 // silent for 99 s goes on and one silent for 101 s starts over.
 #[test]
 fn an_expired_forward_entry_is_balanced_afresh_with_the_agent_s_lifetimes() {
-    let Some(mut fx) = Fixture::web_on_backend_2() else {
-        return;
-    };
+    let mut fx = Fixture::web_on_backend_2();
     let lifetimes = ConntrackLifetimes {
         tcp_established: 100,
         ..ConntrackLifetimes::DEFAULT
@@ -1231,9 +1179,7 @@ fn an_expired_forward_entry_is_balanced_afresh_with_the_agent_s_lifetimes() {
 // know its TCP state.
 #[test]
 fn a_packet_in_either_direction_refreshes_both_entries() {
-    let Some(mut fx) = Fixture::new(&[2]) else {
-        return;
-    };
+    let mut fx = Fixture::new(&[2]);
     let request = Packet::new(TCP, CLIENT, FRONTEND);
     let reply = Packet::new(TCP, backend(2), CLIENT);
     fx.assert_sent_to(&request, backend(2), "the only backend");
@@ -1287,9 +1233,7 @@ fn a_packet_in_either_direction_refreshes_both_entries() {
 // are, not rewritten to come from the ClusterIP; the dead entry is deleted on the way.
 #[test]
 fn an_expired_reverse_entry_is_not_applied() {
-    let Some(mut fx) = Fixture::new(&[2]) else {
-        return;
-    };
+    let mut fx = Fixture::new(&[2]);
     let lifetimes = ConntrackLifetimes {
         other: 30,
         ..ConntrackLifetimes::DEFAULT
@@ -1318,9 +1262,7 @@ fn an_expired_reverse_entry_is_not_applied() {
 // connection's packets (the entry is deleted).
 #[test]
 fn a_syn_ack_on_a_closed_flow_is_not_translated() {
-    let Some(mut fx) = Fixture::new(&[2]) else {
-        return;
-    };
+    let mut fx = Fixture::new(&[2]);
     let request = Packet::new(TCP, CLIENT, FRONTEND);
     let reply = Packet::new(TCP, backend(2), CLIENT);
     fx.assert_sent_to(&request, backend(2), "the only backend");
@@ -1349,12 +1291,10 @@ fn a_syn_ack_on_a_closed_flow_is_not_translated() {
 // cluster, and the reply comes back through this node anyway.
 #[test]
 fn node_port_from_a_pod_is_dnated_only() {
-    let Some(mut fx) = Fixture::serving(
+    let mut fx = Fixture::serving(
         node_a(),
         [node_port_service(TrafficPolicy::Cluster, &endpoints(&[2]))],
-    ) else {
-        return;
-    };
+    );
     let request = Packet::new(TCP, CLIENT, NODE_PORT_FRONTEND);
     fx.assert_translated(POD, &request, &request.with_dst(backend(2)));
     let reply = Packet::new(TCP, backend(2), CLIENT);
@@ -1366,7 +1306,7 @@ fn node_port_from_a_pod_is_dnated_only() {
 // is made to come from the nodePort again.
 #[test]
 fn node_port_with_policy_local_reaches_only_local_endpoints_and_keeps_the_client() {
-    let Some(mut fx) = Fixture::serving(
+    let mut fx = Fixture::serving(
         node_a(),
         [node_port_service(
             TrafficPolicy::Local,
@@ -1375,9 +1315,7 @@ fn node_port_with_policy_local_reaches_only_local_endpoints_and_keeps_the_client
                 endpoint(3, Some(OTHER_NODE_NAME)),
             ],
         )],
-    ) else {
-        return;
-    };
+    );
     let request = Packet::new(TCP, EXTERNAL_CLIENT, NODE_PORT_FRONTEND);
     fx.assert_translated(EXTERNAL, &request, &request.with_dst(backend(2)));
     let reply = Packet::new(TCP, backend(2), EXTERNAL_CLIENT);
@@ -1394,7 +1332,7 @@ fn node_port_with_policy_local_reaches_only_local_endpoints_and_keeps_the_client
 // without any endpoint anywhere is still REJECTed.
 #[test]
 fn node_port_with_policy_local_and_only_remote_endpoints_drops() {
-    let Some(mut fx) = Fixture::serving(
+    let mut fx = Fixture::serving(
         node_a(),
         [node_port_service(
             TrafficPolicy::Local,
@@ -1403,9 +1341,7 @@ fn node_port_with_policy_local_and_only_remote_endpoints_drops() {
                 endpoint(3, Some(OTHER_NODE_NAME)),
             ],
         )],
-    ) else {
-        return;
-    };
+    );
     let request = Packet::new(TCP, EXTERNAL_CLIENT, NODE_PORT_FRONTEND);
     fx.assert_dropped(EXTERNAL, &request);
 
@@ -1418,9 +1354,7 @@ fn node_port_with_policy_local_and_only_remote_endpoints_drops() {
 // comes from the address the client wrote to.
 #[test]
 fn load_balancer_and_external_ips_are_dnated_and_snated_and_the_reply_restored() {
-    let Some(mut fx) = Fixture::serving(node_a(), [load_balancer_service(&[2])]) else {
-        return;
-    };
+    let mut fx = Fixture::serving(node_a(), [load_balancer_service(&[2])]);
     for frontend in [(LOAD_BALANCER_IP, 80), (EXTERNAL_IP, 80)] {
         let request = Packet::new(TCP, EXTERNAL_CLIENT, frontend);
         let (chosen, snat_port) = fx.backend_and_snat_port_of(EXTERNAL, &request);
@@ -1440,9 +1374,7 @@ fn load_balancer_and_external_ips_are_dnated_and_snated_and_the_reply_restored()
 #[test]
 fn a_pod_sent_to_itself_sees_the_hairpin_address() {
     let pod = (backend(2).0, 40000);
-    let Some(mut fx) = Fixture::serving(Node::default(), [web_service(&[2])]) else {
-        return;
-    };
+    let mut fx = Fixture::serving(Node::default(), [web_service(&[2])]);
     let request = Packet::new(TCP, pod, FRONTEND);
     fx.assert_translated(
         POD,
@@ -1460,9 +1392,7 @@ fn a_pod_sent_to_itself_sees_the_hairpin_address() {
 // sent to a backend whose reply could not find its way back.
 #[test]
 fn external_traffic_that_needs_snat_is_dropped_without_a_node_address() {
-    let Some(mut fx) = Fixture::serving(Node::default(), [load_balancer_service(&[2])]) else {
-        return;
-    };
+    let mut fx = Fixture::serving(Node::default(), [load_balancer_service(&[2])]);
     fx.assert_dropped(
         EXTERNAL,
         &Packet::new(TCP, EXTERNAL_CLIENT, (LOAD_BALANCER_IP, 80)),
@@ -1496,9 +1426,7 @@ impl Fixture {
 // outer header looks like the reply to the translated packet).
 #[test]
 fn an_icmp_error_from_a_backend_is_made_to_quote_the_clusterip() {
-    let Some(mut fx) = Fixture::new(&[2]) else {
-        return;
-    };
+    let mut fx = Fixture::new(&[2]);
     let request = Packet::new(UDP, CLIENT, DNS_FRONTEND);
     assert_eq!(fx.backend_of(&request), backend(2));
     for icmp in [Icmp::PORT_UNREACHABLE, Icmp::TTL_EXCEEDED] {
@@ -1519,12 +1447,10 @@ fn an_icmp_error_from_a_backend_is_made_to_quote_the_clusterip() {
 // whole TCP header is quoted, and left alone when only the 8 bytes RFC 792 requires are.
 #[test]
 fn a_frag_needed_about_a_node_port_flow_reaches_the_external_client() {
-    let Some(mut fx) = Fixture::serving(
+    let mut fx = Fixture::serving(
         node_a(),
         [node_port_service(TrafficPolicy::Cluster, &endpoints(&[2]))],
-    ) else {
-        return;
-    };
+    );
     let request = Packet::new(TCP, EXTERNAL_CLIENT, NODE_PORT_FRONTEND);
     let (chosen, snat_port) = fx.backend_and_snat_port_of(EXTERNAL, &request);
     let sent = request.with_src((NODE_IP, snat_port)).with_dst(chosen);
@@ -1546,9 +1472,7 @@ fn a_frag_needed_about_a_node_port_flow_reaches_the_external_client() {
 // node's SNAT for a NodePort flow.
 #[test]
 fn an_icmp_error_from_the_client_reaches_the_backend() {
-    let Some(mut fx) = Fixture::new(&[2]) else {
-        return;
-    };
+    let mut fx = Fixture::new(&[2]);
     let request = Packet::new(UDP, CLIENT, DNS_FRONTEND);
     assert_eq!(fx.backend_of(&request), backend(2));
     let error = icmp_frame(
@@ -1565,12 +1489,10 @@ fn an_icmp_error_from_the_client_reaches_the_backend() {
     );
     fx.assert_icmp_error_translated(POD, &error, &expected);
 
-    let Some(mut fx) = Fixture::serving(
+    let mut fx = Fixture::serving(
         node_a(),
         [node_port_service(TrafficPolicy::Cluster, &endpoints(&[2]))],
-    ) else {
-        return;
-    };
+    );
     let request = Packet::new(TCP, EXTERNAL_CLIENT, NODE_PORT_FRONTEND);
     let (chosen, snat_port) = fx.backend_and_snat_port_of(EXTERNAL, &request);
     let error = icmp_frame(
@@ -1591,9 +1513,7 @@ fn an_icmp_error_from_the_client_reaches_the_backend() {
 // An error about a flow that expired is not translated, as the flow's own packets no longer are.
 #[test]
 fn an_icmp_error_about_an_expired_flow_passes_untouched() {
-    let Some(mut fx) = Fixture::new(&[2]) else {
-        return;
-    };
+    let mut fx = Fixture::new(&[2]);
     let request = Packet::new(UDP, CLIENT, DNS_FRONTEND);
     assert_eq!(fx.backend_of(&request), backend(2));
     let sent = quote(&request.with_dst(backend(2)));
@@ -1615,9 +1535,7 @@ fn an_icmp_error_about_an_expired_flow_passes_untouched() {
 
 #[test]
 fn icmp_that_is_not_about_a_translated_flow_passes_untouched() {
-    let Some(mut fx) = Fixture::new(&[2]) else {
-        return;
-    };
+    let mut fx = Fixture::new(&[2]);
     // An error about a flow that never went through a frontend.
     let direct = Packet::new(UDP, CLIENT, backend(7));
     fx.assert_passed_untouched(&icmp_frame(
@@ -1639,9 +1557,7 @@ fn icmp_that_is_not_about_a_translated_flow_passes_untouched() {
 // one: it passes as it is rather than be half-translated.
 #[test]
 fn a_truncated_icmp_error_passes_untouched() {
-    let Some(mut fx) = Fixture::new(&[2]) else {
-        return;
-    };
+    let mut fx = Fixture::new(&[2]);
     let request = Packet::new(UDP, CLIENT, DNS_FRONTEND);
     assert_eq!(fx.backend_of(&request), backend(2));
     let sent = quote(&request.with_dst(backend(2)));
@@ -1695,9 +1611,7 @@ fn run_xdp(program: &Xdp, frame: &[u8]) -> (u32, Vec<u8>) {
 #[test]
 fn xdp_translates_node_port_flows_and_replies_as_tc_does() {
     let backends = endpoints(&[2, 3, 4]);
-    let Some(mut fx) = Fixture::serving(node_a(), [node_port_service_with_udp(&backends)]) else {
-        return;
-    };
+    let mut fx = Fixture::serving(node_a(), [node_port_service_with_udp(&backends)]);
     for protocol in [TCP, UDP] {
         let request = Packet::new(protocol, EXTERNAL_CLIENT, NODE_PORT_FRONTEND);
         let (verdict, out) = fx.run_xdp(&request.bytes());
@@ -1731,9 +1645,7 @@ fn xdp_translates_node_port_flows_and_replies_as_tc_does() {
 #[test]
 fn xdp_does_not_apply_expired_entries() {
     let backends = endpoints(&[2]);
-    let Some(mut fx) = Fixture::serving(node_a(), [node_port_service_with_udp(&backends)]) else {
-        return;
-    };
+    let mut fx = Fixture::serving(node_a(), [node_port_service_with_udp(&backends)]);
     let expired = ConntrackLifetimes::DEFAULT.other + 1;
     let request = Packet::new(UDP, EXTERNAL_CLIENT, NODE_PORT_FRONTEND);
     let (chosen, snat_port) = fx.xdp_backend_and_snat_port_of(&request);
@@ -1765,10 +1677,7 @@ fn xdp_does_not_apply_expired_entries() {
 // packet, an ICMP error its quote rewritten, traffic for no service nothing at all.
 #[test]
 fn xdp_leaves_refusals_icmp_and_other_traffic_to_tc_untouched() {
-    let Some(mut fx) = Fixture::serving(node_a(), [node_port_service(TrafficPolicy::Cluster, &[])])
-    else {
-        return;
-    };
+    let mut fx = Fixture::serving(node_a(), [node_port_service(TrafficPolicy::Cluster, &[])]);
     let refused = Packet::new(TCP, EXTERNAL_CLIENT, NODE_PORT_FRONTEND);
     assert_eq!(
         fx.run_xdp(&refused.bytes()),
@@ -1789,15 +1698,13 @@ fn xdp_leaves_refusals_icmp_and_other_traffic_to_tc_untouched() {
 // Policy Local on a node without a local endpoint: dropped in XDP already.
 #[test]
 fn xdp_drops_what_policy_local_does_not_serve_here() {
-    let Some(mut fx) = Fixture::serving(
+    let mut fx = Fixture::serving(
         node_a(),
         [node_port_service(
             TrafficPolicy::Local,
             &[endpoint(2, Some(OTHER_NODE_NAME))],
         )],
-    ) else {
-        return;
-    };
+    );
     let request = Packet::new(TCP, EXTERNAL_CLIENT, NODE_PORT_FRONTEND);
     assert_eq!(fx.run_xdp(&request.bytes()).0, XDP_DROP);
 }
@@ -1805,12 +1712,10 @@ fn xdp_drops_what_policy_local_does_not_serve_here() {
 // Truncated or fragmented packets are never rewritten by XDP either.
 #[test]
 fn xdp_never_rewrites_what_it_cannot_bound() {
-    let Some(mut fx) = Fixture::serving(
+    let mut fx = Fixture::serving(
         node_a(),
         [node_port_service(TrafficPolicy::Cluster, &endpoints(&[2]))],
-    ) else {
-        return;
-    };
+    );
     let request = Packet::new(TCP, EXTERNAL_CLIENT, NODE_PORT_FRONTEND);
     // Longer than an Ethernet MTU: merged by GRO, with a checksum only TC may update.
     let mut merged = request.clone();

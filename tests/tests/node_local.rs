@@ -22,8 +22,8 @@ use integration_tests::{
     netns::{self, NetNs},
     node_client::{NodeClient, Reply, Request},
     poll::{CONVERGENCE_TIMEOUT, eventually},
-    privileged,
     process::ip,
+    require_root,
     topology::Pod,
 };
 
@@ -204,9 +204,7 @@ fn refused_at_once(client: &NodeClient, request: Request, to: SocketAddrV4) -> R
 
 #[test]
 fn node_processes_reach_cluster_ips_and_node_ports_over_tcp() -> Result<()> {
-    if !privileged("node_processes_reach_cluster_ips_and_node_ports_over_tcp") {
-        return Ok(());
-    }
+    require_root("node_processes_reach_cluster_ips_and_node_ports_over_tcp");
     let cluster = Cluster::new()?;
     let (agents, cluster_ip) = cluster.web_on_both_nodes((30100, 30101))?;
     let both = ["a-web", "b-web"];
@@ -266,9 +264,7 @@ fn node_processes_reach_cluster_ips_and_node_ports_over_tcp() -> Result<()> {
 
 #[test]
 fn node_processes_get_udp_replies_from_the_service_address() -> Result<()> {
-    if !privileged("node_processes_get_udp_replies_from_the_service_address") {
-        return Ok(());
-    }
+    require_root("node_processes_get_udp_replies_from_the_service_address");
     let cluster = Cluster::new()?;
     let (_agents, cluster_ip) = cluster.web_on_both_nodes((30102, 30103))?;
     let both = ["a-web", "b-web"];
@@ -288,9 +284,7 @@ fn node_processes_get_udp_replies_from_the_service_address() -> Result<()> {
 
 #[test]
 fn node_processes_use_every_endpoint_of_a_local_policy_service() -> Result<()> {
-    if !privileged("node_processes_use_every_endpoint_of_a_local_policy_service") {
-        return Ok(());
-    }
+    require_root("node_processes_use_every_endpoint_of_a_local_policy_service");
     let cluster = Cluster::new()?;
     let b_web = cluster.backend(NODE_B, "b-web", 20)?;
     cluster.serve(
@@ -321,9 +315,7 @@ fn node_processes_use_every_endpoint_of_a_local_policy_service() -> Result<()> {
 
 #[test]
 fn node_processes_are_refused_by_a_service_without_endpoints() -> Result<()> {
-    if !privileged("node_processes_are_refused_by_a_service_without_endpoints") {
-        return Ok(());
-    }
+    require_root("node_processes_are_refused_by_a_service_without_endpoints");
     let cluster = Cluster::new()?;
     cluster.serve(
         &[],
@@ -375,9 +367,7 @@ fn untranslated_server(netns: &str, at: SocketAddrV4) -> Result<thread::JoinHand
 
 #[test]
 fn pods_tcp_connections_are_balanced_at_connect_and_their_loopback_stays_theirs() -> Result<()> {
-    if !privileged("pods_tcp_connections_are_balanced_at_connect_and_their_loopback_stays_theirs") {
-        return Ok(());
-    }
+    require_root("pods_tcp_connections_are_balanced_at_connect_and_their_loopback_stays_theirs");
     let cluster = Cluster::new()?;
     let (_agents, cluster_ip) = cluster.web_on_both_nodes((30110, 30111))?;
     let to = SocketAddrV4::new(cluster_ip, SERVICE_TCP_PORT);
@@ -412,9 +402,7 @@ fn pods_tcp_connections_are_balanced_at_connect_and_their_loopback_stays_theirs(
 
 #[test]
 fn with_host_only_socket_lb_other_namespaces_in_the_cgroup_are_not_translated() -> Result<()> {
-    if !privileged("with_host_only_socket_lb_other_namespaces_in_the_cgroup_are_not_translated") {
-        return Ok(());
-    }
+    require_root("with_host_only_socket_lb_other_namespaces_in_the_cgroup_are_not_translated");
     let cluster = Cluster::new()?;
     let a_web = cluster.backend(NODE_A, "a-web", 20)?;
     cluster.serve(
@@ -448,9 +436,7 @@ fn with_host_only_socket_lb_other_namespaces_in_the_cgroup_are_not_translated() 
 
 #[test]
 fn the_agent_refuses_a_cgroup_path_that_is_not_cgroup_v2() -> Result<()> {
-    if !privileged("the_agent_refuses_a_cgroup_path_that_is_not_cgroup_v2") {
-        return Ok(());
-    }
+    require_root("the_agent_refuses_a_cgroup_path_that_is_not_cgroup_v2");
     let node = integration_tests::topology::Topology::new()?;
     let manifests = ManifestDir::create(&node)?;
     let not_a_cgroup = node.scratch_dir().to_str().context("non-UTF-8 path")?;

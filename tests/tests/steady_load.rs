@@ -19,9 +19,8 @@ use std::{
 
 use anyhow::{Result, ensure};
 use integration_tests::{
-    privileged,
     process::ip,
-    servers,
+    require_root, servers,
     steady_load::{REQUEST_TIMEOUT, SteadyLoad, Stream, StreamReport},
     topology::{Pod, Topology},
 };
@@ -114,9 +113,7 @@ fn ensure_each_stream_reached_its_backend(
 
 #[test]
 fn untouched_traffic_to_pods_is_all_answered_without_gaps() -> Result<()> {
-    if !privileged("untouched_traffic_to_pods_is_all_answered_without_gaps") {
-        return Ok(());
-    }
+    require_root("untouched_traffic_to_pods_is_all_answered_without_gaps");
     let bed = Bed::new()?;
     let load = SteadyLoad::start(&bed.streams)?;
     thread::sleep(STEADY);
@@ -155,10 +152,7 @@ fn untouched_traffic_to_pods_is_all_answered_without_gaps() -> Result<()> {
 
 #[test]
 fn blocked_backends_show_failures_gaps_and_a_broken_connection_when_they_happened() -> Result<()> {
-    if !privileged("blocked_backends_show_failures_gaps_and_a_broken_connection_when_they_happened")
-    {
-        return Ok(());
-    }
+    require_root("blocked_backends_show_failures_gaps_and_a_broken_connection_when_they_happened");
     let bed = Bed::new()?;
     let (spared, unreachable, blackholed) = (&bed.backends[0], &bed.backends[1], &bed.backends[2]);
     let load = SteadyLoad::start(&bed.streams)?;

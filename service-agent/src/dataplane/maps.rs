@@ -19,8 +19,9 @@ use service_common::{
 
 use super::batch;
 use crate::{
+    conntrack_gc,
     model::Node,
-    sync::{MapContents, MapOp},
+    sync::{MapContents, MapOp, ServiceMap},
 };
 
 /// Typed handles on the maps.
@@ -75,21 +76,15 @@ impl ServiceMaps {
         Ok(())
     }
 
-    /// The map `op` writes to, and the most entries it holds (for messages about a full map).
-    pub fn target_of(&self, op: &MapOp) -> (&'static str, u32) {
-        let (name, map) = match op {
-            MapOp::PutBackend(..) | MapOp::DeleteBackend(_) => {
-                (BACKENDS_V4_MAP, self.backends.map())
-            }
-            MapOp::PutRevNat(..) | MapOp::DeleteRevNat(_) => (REV_NAT_V4_MAP, self.rev_nat.map()),
-            MapOp::PutService(..) | MapOp::DeleteService(_) => {
-                (SERVICES_V4_MAP, self.services.map())
-            }
-            MapOp::PutFrontendAddress(_) | MapOp::DeleteFrontendAddress(_) => {
-                (FRONTEND_ADDRESSES_V4_MAP, self.frontend_addresses.map())
-            }
+    /// The most entries `map` holds (for messages about a full map).
+    pub fn capacity(&self, map: ServiceMap) -> u32 {
+        let map = match map {
+            ServiceMap::Services => self.services.map(),
+            ServiceMap::Backends => self.backends.map(),
+            ServiceMap::RevNat => self.rev_nat.map(),
+            ServiceMap::FrontendAddresses => self.frontend_addresses.map(),
         };
-        (name, map.info().map_or(0, |info| info.max_entries()))
+        map.info().map_or(0, |info| info.max_entries())
     }
 
     /// Tells the kernel side which address SNATed flows leave with (0: none), which network
@@ -186,28 +181,16 @@ impl ServiceMaps {
         }
     }
 
-    /// The conntrack keys whose entries match `stale`: collected first, since deleting while
-    /// iterating a hash map restarts the iteration.
-    pub fn conntrack_keys_where(
-        &self,
-        mut stale: impl FnMut(&ConntrackKeyV4, &ConntrackEntryV4) -> bool,
-    ) -> Result<Vec<ConntrackKeyV4>> {
-        let mut keys = Vec::new();
-        for item in self.conntrack.iter() {
-            let (key, entry) = item.context("reading CONNTRACK_V4")?;
-            if stale(&key, &entry) {
-                keys.push(key);
-            }
-        }
-        Ok(keys)
-    }
-
-    pub fn forget_flow(&mut self, key: &ConntrackKeyV4) -> Result<()> {
-        match self.conntrack.remove(key) {
-            // The LRU may have evicted it meanwhile: the goal is reached either way.
-            Err(aya::maps::MapError::KeyNotFound) | Ok(()) => Ok(()),
-            Err(err) => Err(err).context("deleting a conntrack entry"),
-        }
+    /// Deletes the conntrack entries that match `stale`, read a chunk at a time and each
+    /// judged again just before its delete (see [`batch::delete_where`]): how many it deleted.
+    pub fn forget_flows_where(
+        &mut self,
+        stale: impl FnMut(&ConntrackKeyV4, &ConntrackEntryV4) -> bool,
+    ) -> Result<usize> {
+        let conntrack = self.conntrack.map().fd().as_fd();
+        let swept = batch::delete_where(conntrack, conntrack_gc::CHUNK, stale)
+            .context("deleting flows from CONNTRACK_V4")?;
+        Ok(swept.deleted)
     }
 }
 

@@ -3,7 +3,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use service_common::{BackendV4, RevNatV4, ServiceEntry, ServiceKeyV4};
+use service_common::{
+    BACKENDS_V4_MAP, BackendV4, FRONTEND_ADDRESSES_V4_MAP, REV_NAT_V4_MAP, RevNatV4,
+    SERVICES_V4_MAP, ServiceEntry, ServiceKeyV4,
+};
 
 /// What the service maps hold, or should hold.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -76,6 +79,18 @@ pub enum ServiceMap {
     Backends,
     RevNat,
     FrontendAddresses,
+}
+
+impl ServiceMap {
+    /// The map's name, as it is pinned and as messages name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ServiceMap::Services => SERVICES_V4_MAP,
+            ServiceMap::Backends => BACKENDS_V4_MAP,
+            ServiceMap::RevNat => REV_NAT_V4_MAP,
+            ServiceMap::FrontendAddresses => FRONTEND_ADDRESSES_V4_MAP,
+        }
+    }
 }
 
 impl MapOp {
@@ -158,59 +173,155 @@ impl IdAllocator {
     }
 }
 
-/// What a plan's first phase deletes on the way from `current` to `desired`: every frontend
-/// `desired` does not have (its slot-0 key and all its slots), the rev-NAT entries that neither
-/// `desired` nor a remaining frontend names, and the backends that neither `desired` nor a
-/// remaining slot names.
+/// What a plan's first phase removes, before its second phase adds anything.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Removals {
+    /// Every frontend that goes away, with the rev-NAT entries and backends only it named.
+    Frontends,
+    /// That, and every backend a frontend that stays loses: what a plan does after a map was
+    /// full, since a backend replaced in a full map must go before its successor fits.
+    FrontendsAndSlots,
+}
+
+/// What the maps hold after a plan's first phase on the way from `current` to `desired`: the
+/// rest of the plan is [`diff`] from there to `desired`, and the first phase itself is [`diff`]
+/// from `current` to here, which only deletes and overwrites existing keys. So it needs no room
+/// in any map and exposes no half-written frontend, and the second phase finds the room the
+/// first freed (a full map no longer fails a plan that removes as much as it adds).
 ///
-/// The first phase only deletes, in [`diff`]'s order, so it needs no room in any map and exposes
-/// no half-written frontend; the second phase, the rest of the diff, then finds the room the
-/// first freed (a full map no longer fails a plan that removes as much as it adds). A backend or
-/// rev-NAT entry that `desired` keeps (one moving from a deleted Service to another, with its
-/// id) stays in place: deleting and re-adding it would cut its flows.
-pub fn dropped(current: &MapContents, desired: &MapContents) -> MapContents {
-    let frontend_dropped = |key: &ServiceKeyV4| {
-        !desired
+/// Every frontend `desired` does not have goes (its slot-0 key and all its slots). With
+/// [`Removals::FrontendsAndSlots`], each frontend that stays is also shrunk to the backends it
+/// keeps (see `shrink`). Then the rev-NAT entries and backends go that neither `desired` nor what
+/// remains names. A backend or rev-NAT entry that `desired` keeps (one moving from a deleted
+/// Service to another, with its id) stays in place: deleting and re-adding it would cut its
+/// flows.
+pub fn first_phase(
+    current: &MapContents,
+    desired: &MapContents,
+    removals: Removals,
+) -> MapContents {
+    let mut after = current.clone();
+    after.services.retain(|key, _| {
+        desired
             .services
             .contains_key(&ServiceKeyV4 { slot: 0, ..*key })
-    };
-    let mut dropped = MapContents::default();
-    let unwanted_rev_nat: BTreeSet<u32> = (current.rev_nat.keys())
-        .filter(|id| !desired.rev_nat.contains_key(id))
-        .copied()
-        .collect();
-    let unwanted_backends: BTreeSet<u32> = (current.backends.keys())
-        .filter(|id| !desired.backends.contains_key(id))
-        .copied()
-        .collect();
+    });
+    if removals == Removals::FrontendsAndSlots {
+        let staying: Vec<ServiceKeyV4> = (after.services.keys())
+            .filter(|key| key.slot == 0)
+            .copied()
+            .collect();
+        for frontend in staying {
+            shrink(&mut after, &frontend, desired);
+        }
+    }
     let (mut named_rev_nat, mut named_backends) = (BTreeSet::new(), BTreeSet::new());
-    for (key, entry) in &current.services {
-        if frontend_dropped(key) {
-            dropped.services.insert(*key, *entry);
-        } else if key.slot == 0 && unwanted_rev_nat.contains(&entry.rev_nat_id) {
+    for (key, entry) in &after.services {
+        if key.slot == 0 {
             named_rev_nat.insert(entry.rev_nat_id);
-        } else if key.slot != 0 && unwanted_backends.contains(&entry.backend_id) {
+        } else {
             named_backends.insert(entry.backend_id);
         }
     }
-    for id in unwanted_rev_nat.difference(&named_rev_nat) {
-        dropped.rev_nat.insert(*id, current.rev_nat[id]);
-    }
-    for id in unwanted_backends.difference(&named_backends) {
-        dropped.backends.insert(*id, current.backends[id]);
-    }
-    dropped
+    (after.rev_nat).retain(|id, _| named_rev_nat.contains(id) || desired.rev_nat.contains_key(id));
+    (after.backends)
+        .retain(|id, _| named_backends.contains(id) || desired.backends.contains_key(id));
+    after
 }
 
-impl MapContents {
-    /// Whether `op` deletes an entry this holds.
-    pub fn deleted_by(&self, op: &MapOp) -> bool {
-        match op {
-            MapOp::DeleteService(key) => self.services.contains_key(key),
-            MapOp::DeleteRevNat(id) => self.rev_nat.contains_key(id),
-            MapOp::DeleteBackend(id) => self.backends.contains_key(id),
-            _ => false,
+/// Shrinks `frontend` in `contents` to the backends it keeps, those of its reachable slots that
+/// `desired` also gives it: they are moved into slots 1..=k (overwriting slots that exist), its
+/// count lowered to k, and its slots above k removed, so that at no point may a packet meet a
+/// backend that is gone or that neither the old nor the new frontend has. A kept backend whose
+/// slot in `desired` is within 1..=k takes that one, others keep theirs when they can: the
+/// second phase then has less to move. Conntrack names backends, not slots, so moving one cuts
+/// no flow. A frontend that keeps none of its backends is left as it is (a count of 0 would
+/// refuse connections until the second phase), unless `desired` gives it none either.
+fn shrink(contents: &mut MapContents, frontend: &ServiceKeyV4, desired: &MapContents) {
+    let (Some(meta), Some(desired_meta)) = (
+        contents.services.get(frontend).copied(),
+        desired.services.get(frontend).copied(),
+    ) else {
+        return;
+    };
+    let slot_of = |contents: &MapContents, slot: u16| {
+        let key = ServiceKeyV4 { slot, ..*frontend };
+        contents.services.get(&key).map(|entry| entry.backend_id)
+    };
+    // Where `desired` puts each of the frontend's backends.
+    let wanted: BTreeMap<u32, u16> = (1..=desired_meta.count)
+        .filter_map(|slot| Some((slot_of(desired, slot)?, slot)))
+        .collect();
+    // The kept backends, with their slot now.
+    let mut kept: Vec<(u32, u16)> = Vec::new();
+    let mut seen = BTreeSet::new();
+    for slot in 1..=meta.count {
+        if let Some(id) = slot_of(contents, slot)
+            && wanted.contains_key(&id)
+            && contents.backends.contains_key(&id)
+            && seen.insert(id)
+        {
+            kept.push((id, slot));
         }
+    }
+    if kept.is_empty() && desired_meta.count > 0 {
+        return;
+    }
+    let k = kept.len() as u16;
+    let mut slots: Vec<Option<u32>> = vec![None; kept.len()];
+    let mut placed = BTreeSet::new();
+    for (id, _) in &kept {
+        if take(&mut slots, wanted[id], *id) {
+            placed.insert(*id);
+        }
+    }
+    for (id, slot) in &kept {
+        if !placed.contains(id) && take(&mut slots, *slot, *id) {
+            placed.insert(*id);
+        }
+    }
+    let mut homeless = (kept.iter())
+        .map(|(id, _)| *id)
+        .filter(|id| !placed.contains(id));
+    for slot in slots.iter_mut().filter(|slot| slot.is_none()) {
+        *slot = homeless.next();
+    }
+    contents
+        .services
+        .retain(|key, _| ServiceKeyV4 { slot: 0, ..*key } != *frontend || key.slot <= k);
+    for (slot, id) in (1..).zip(slots) {
+        let entry = ServiceEntry {
+            backend_id: id.expect("k slots for k backends"),
+            ..ServiceEntry::default()
+        };
+        contents
+            .services
+            .insert(ServiceKeyV4 { slot, ..*frontend }, entry);
+    }
+    let flags = match k {
+        // With no backend, the flags only say whether to refuse or drop: as `desired` says.
+        0 => desired_meta.flags,
+        _ => meta.flags,
+    };
+    let shrunk = ServiceEntry {
+        count: k,
+        flags,
+        ..meta
+    };
+    contents.services.insert(*frontend, shrunk);
+}
+
+/// Puts `id` in `slot` (1-based) if that slot is there and free.
+fn take(slots: &mut [Option<u32>], slot: u16, id: u32) -> bool {
+    match usize::from(slot)
+        .checked_sub(1)
+        .and_then(|at| slots.get_mut(at))
+    {
+        Some(free @ None) => {
+            *free = Some(id);
+            true
+        }
+        _ => false,
     }
 }
 

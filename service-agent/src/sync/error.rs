@@ -1,5 +1,7 @@
-//! Why a sync failed, typed so that the run loop can tell a full map (which lasts until Services
-//! go or the maps grow: worth one clear log line, then quiet retries) from other failures.
+//! Why a sync failed, typed so that a full map is told from other failures: the syncer's retry
+//! then shrinks the frontends that stay before it adds anything (see
+//! `Removals::FrontendsAndSlots`), and the message names the map, its room and the Services left
+//! out, for the run loop's one log line (a full map lasts until Services go or the maps grow).
 
 use std::{fmt, io};
 
@@ -37,14 +39,6 @@ pub struct MapFull {
     /// The kernel could not allocate an entry (ENOMEM: memory-cgroup pressure on maps that
     /// allocate as they fill) rather than the map holding `capacity` entries (E2BIG).
     pub out_of_memory: bool,
-}
-
-impl SyncError {
-    /// A map had no room: retrying changes nothing until Services are removed (or the agent's
-    /// memory limits change), so the run loop logs it once and retries quietly.
-    pub fn is_map_full(&self) -> bool {
-        matches!(self, SyncError::MapFull(_))
-    }
 }
 
 impl fmt::Display for SyncError {

@@ -16,7 +16,7 @@ use std::{
 use service_common::{BackendV4, ServiceKeyV4};
 
 use super::{
-    contents::{IdAllocator, MapContents, MapOp, NextIds, diff, dropped},
+    contents::{IdAllocator, MapContents, MapOp, NextIds, Removals, diff, first_phase},
     plan::{PlanContext, plan_service, wanted_frontends},
 };
 use crate::model::{DesiredState, Node, Service, ServiceName};
@@ -59,8 +59,8 @@ pub struct Ledger {
     claims: HashMap<ServiceKeyV4, BTreeSet<Claimant>>,
     /// Set at start and after a reload: the next plan compares the whole of the maps with the
     /// whole of the shares (removing what a previous agent or a failed sync left), not only
-    /// changed shares.
-    full: bool,
+    /// changed shares, and removes this much first.
+    full: Option<Removals>,
 }
 
 impl Ledger {
@@ -76,7 +76,7 @@ impl Ledger {
             address_users: HashMap::new(),
             planned: BTreeMap::new(),
             claims: HashMap::new(),
-            full: true,
+            full: Some(Removals::Frontends),
         }
     }
 
@@ -90,11 +90,12 @@ impl Ledger {
     }
 
     /// Takes `current` (read back from the maps after a failed sync) as what the maps hold:
-    /// the next plan compares it whole with the shares. Ids keep going up.
-    pub fn reload(&mut self, current: MapContents) {
+    /// the next plan compares it whole with the shares, and its first phase removes what
+    /// `removals` says. Ids keep going up.
+    pub fn reload(&mut self, current: MapContents, removals: Removals) {
         self.ids.skip_past(&current);
         self.current = current;
-        self.full = true;
+        self.full = Some(removals);
     }
 
     /// The ids not handed out yet (see [`NextIds`]).
@@ -133,14 +134,14 @@ impl Ledger {
     }
 
     /// The writes that bring the maps to `desired`, in an order that never exposes a
-    /// half-written frontend, removals first (see [`dropped`]). The ledger takes `desired` as
+    /// half-written frontend, removals first (see [`first_phase`]). The ledger takes `desired` as
     /// planned at once; the caller records each write that succeeds, and after a failed one
     /// reloads what the maps hold.
     pub fn plan(&mut self, desired: &DesiredState) -> Plan {
         let changed = self.changed_services(desired);
         let (dirty, mut new_frontends) = self.update_claims(&changed, desired);
         // A full plan compares the whole maps below: the shares need not be collected here.
-        let full = std::mem::take(&mut self.full);
+        let full = self.full.take();
 
         let mut before = MapContents::default();
         let mut after = MapContents::default();
@@ -155,7 +156,7 @@ impl Ledger {
                 for address in frontend_addresses(&previous.share) {
                     *address_changes.entry(address).or_default() -= 1;
                 }
-                if !full {
+                if full.is_none() {
                     before.extend(&previous.share);
                 }
             }
@@ -178,7 +179,7 @@ impl Ledger {
             for address in frontend_addresses(&share) {
                 *address_changes.entry(address).or_default() += 1;
             }
-            if !full {
+            if full.is_none() {
                 after.extend(&share);
             }
             // A Service re-planned only because another one's claims moved asks for the same
@@ -202,7 +203,7 @@ impl Ledger {
         }
         after.backends.retain(|id, _| added.contains(id));
 
-        if full {
+        if full.is_some() {
             before = self.current.clone();
             after = MapContents::default();
             for planned in self.planned.values() {
@@ -226,15 +227,15 @@ impl Ledger {
             .copied()
             .collect();
         // Removals first, so that what they free is there for what is added: the first phase
-        // only deletes, the second is the rest of the diff. An address goes once the last
-        // frontend that has it is gone (all of them are, after the first phase), and is findable
-        // before the first one that has it.
-        let dropped = dropped(&before, &after);
-        let mut ops = diff(&dropped, &MapContents::default());
+        // only deletes (and overwrites), the second is the rest of the diff. An address goes
+        // once the last frontend that has it is gone (all of them are, after the first phase),
+        // and is findable before the first one that has it.
+        let removals = full.unwrap_or(Removals::Frontends);
+        let cleared = first_phase(&before, &after, removals);
+        let mut ops = diff(&before, &cleared);
         ops.extend(gone_addresses.into_iter().map(MapOp::DeleteFrontendAddress));
         ops.extend(new_addresses.into_iter().map(MapOp::PutFrontendAddress));
-        let rest = diff(&before, &after).into_iter();
-        ops.extend(rest.filter(|op| !dropped.deleted_by(op)));
+        ops.extend(diff(&cleared, &after));
         Plan { ops, removed_pairs }
     }
 

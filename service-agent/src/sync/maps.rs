@@ -4,7 +4,7 @@
 use anyhow::Result;
 use service_common::{ConntrackEntryV4, ConntrackKeyV4};
 
-use super::contents::{MapContents, MapOp, NextIds};
+use super::contents::{MapContents, MapOp, NextIds, ServiceMap};
 use crate::dataplane::{ServiceMaps, batch};
 
 pub trait Maps {
@@ -15,22 +15,20 @@ pub trait Maps {
     /// part way says how many were written and why the next was not.
     fn apply_run(&mut self, run: &[MapOp]) -> Result<(), batch::Stopped>;
 
-    /// The name of the map `op` writes, and the most entries it holds.
-    fn target_of(&self, op: &MapOp) -> (&'static str, u32);
+    /// The most entries `map` holds.
+    fn capacity(&self, map: ServiceMap) -> u32;
 
     /// The ids a previous agent recorded (zeros on new maps).
     fn id_watermarks(&self) -> Result<NextIds>;
 
     fn set_id_watermarks(&mut self, next: NextIds) -> Result<()>;
 
-    /// The conntrack keys whose entries match `stale`.
-    fn conntrack_keys_where(
-        &self,
+    /// Deletes the conntrack entries that match `stale`, each judged again on a fresh lookup
+    /// just before its delete (see [`batch::delete_where`]): how many it deleted.
+    fn forget_flows_where(
+        &mut self,
         stale: &mut dyn FnMut(&ConntrackKeyV4, &ConntrackEntryV4) -> bool,
-    ) -> Result<Vec<ConntrackKeyV4>>;
-
-    /// Deletes a conntrack entry; one already gone is fine.
-    fn forget_flow(&mut self, key: &ConntrackKeyV4) -> Result<()>;
+    ) -> Result<usize>;
 }
 
 impl Maps for ServiceMaps {
@@ -42,8 +40,8 @@ impl Maps for ServiceMaps {
         ServiceMaps::apply_run(self, run)
     }
 
-    fn target_of(&self, op: &MapOp) -> (&'static str, u32) {
-        ServiceMaps::target_of(self, op)
+    fn capacity(&self, map: ServiceMap) -> u32 {
+        ServiceMaps::capacity(self, map)
     }
 
     fn id_watermarks(&self) -> Result<NextIds> {
@@ -55,14 +53,10 @@ impl Maps for ServiceMaps {
         ServiceMaps::set_id_watermarks(self, next.backend, next.rev_nat)
     }
 
-    fn conntrack_keys_where(
-        &self,
+    fn forget_flows_where(
+        &mut self,
         stale: &mut dyn FnMut(&ConntrackKeyV4, &ConntrackEntryV4) -> bool,
-    ) -> Result<Vec<ConntrackKeyV4>> {
-        ServiceMaps::conntrack_keys_where(self, stale)
-    }
-
-    fn forget_flow(&mut self, key: &ConntrackKeyV4) -> Result<()> {
-        ServiceMaps::forget_flow(self, key)
+    ) -> Result<usize> {
+        ServiceMaps::forget_flows_where(self, stale)
     }
 }

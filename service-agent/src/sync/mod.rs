@@ -18,7 +18,7 @@ use anyhow::Context as _;
 use service_common::IPPROTO_UDP;
 
 pub use self::{
-    contents::{IdAllocator, MapContents, MapOp, NextIds, ServiceMap, diff},
+    contents::{IdAllocator, MapContents, MapOp, NextIds, Removals, ServiceMap, diff},
     error::{MapFull, SyncError},
     ledger::{Ledger, Plan},
     maps::Maps,
@@ -40,8 +40,9 @@ pub struct Syncer {
     /// What `ID_WATERMARKS` holds, as this syncer last read or wrote it.
     recorded_ids: NextIds,
     /// The maps may hold other than the ledger thinks (a sync failed part way, or a delete found
-    /// nothing): the next sync reads them again and compares them whole.
-    reread: bool,
+    /// nothing): the next sync reads them again, compares them whole, and removes this much
+    /// first (also the backends that frontends which stay lose, after a map was full).
+    reread: Option<Removals>,
     /// At start and after a failure: the next sync purges every flow that names an id the maps
     /// no longer hold, whether or not it deletes anything (a previous agent may have crashed
     /// between deleting a backend and purging its flows).
@@ -59,7 +60,7 @@ impl Syncer {
         Ok(Self {
             ledger: Ledger::new(maps.read_contents()?, recorded_ids, node),
             recorded_ids,
-            reread: false,
+            reread: None,
             purge_due: true,
             unpurged_pairs: BTreeSet::new(),
         })
@@ -68,31 +69,37 @@ impl Syncer {
     /// Brings the maps to `desired`: removals first, so that a full map takes what they free.
     /// On failure the maps hold the last good state, minus what the removals took, plus whatever
     /// additions were written, none of it half-written; calling again with the same state
-    /// retries from what the maps then hold.
+    /// retries from what the maps then hold. After a map was full, the retry also shrinks the
+    /// frontends that stay to the backends they keep before adding anything (see
+    /// [`Removals::FrontendsAndSlots`]): a backend replaced in a full map then makes room for its
+    /// successor.
     pub fn sync(
         &mut self,
         desired: &DesiredState,
         maps: &mut impl Maps,
     ) -> Result<SyncReport, SyncError> {
-        if self.reread {
+        if let Some(removals) = self.reread {
             let contents = (maps.read_contents())
                 .context("re-reading the service maps after a failed sync")
                 .map_err(SyncError::Other)?;
-            self.ledger.reload(contents);
-            self.reread = false;
+            self.ledger.reload(contents, removals);
+            self.reread = None;
         }
         let plan = self.ledger.plan(desired);
         let written = self.write(&plan, maps);
         let already_deleted = match written {
             Ok(already_deleted) => already_deleted,
             Err(error) => {
-                self.reread = true;
+                self.reread = Some(match error {
+                    SyncError::MapFull(_) => Removals::FrontendsAndSlots,
+                    _ => Removals::Frontends,
+                });
                 self.purge_due = true;
                 self.unpurged_pairs.extend(&plan.removed_pairs);
                 return Err(error);
             }
         };
-        self.reread = already_deleted > 0;
+        self.reread = (already_deleted > 0).then_some(Removals::Frontends);
         let deleted_ids = (plan.ops.iter())
             .any(|op| matches!(op, MapOp::DeleteBackend(_) | MapOp::DeleteRevNat(_)));
         let mut removed = std::mem::take(&mut self.unpurged_pairs);
@@ -176,7 +183,7 @@ impl Syncer {
         maps: &impl Maps,
     ) -> SyncError {
         let op = &plan.ops[at];
-        let (map, capacity) = maps.target_of(op);
+        let map = op.map().name();
         let out_of_memory = match error.raw_os_error() {
             // The kernel's hash maps answer E2BIG to a new key when they hold max_entries, and
             // ENOMEM when they allocate as they fill (BPF_F_NO_PREALLOC) and cannot.
@@ -199,7 +206,7 @@ impl Syncer {
         let unwritten = puts(&plan.ops[at..]);
         SyncError::MapFull(MapFull {
             map,
-            capacity,
+            capacity: maps.capacity(op.map()),
             unwritten: unwritten.len(),
             planned: puts(&plan.ops).len(),
             services: self.ledger.services_writing(&unwritten),
@@ -218,17 +225,12 @@ impl Syncer {
         maps: &mut impl Maps,
     ) -> anyhow::Result<usize> {
         let current = self.ledger.current();
-        let stale = maps
-            .conntrack_keys_where(&mut |key, entry| {
-                !current.backends.contains_key(&entry.backend_id)
-                    || !current.rev_nat.contains_key(&entry.rev_nat_id)
-                    || (key.protocol == IPPROTO_UDP
-                        && removed.contains(&(entry.rev_nat_id, entry.backend_id)))
-            })
-            .context("looking for flows of removed backends and frontends")?;
-        for key in &stale {
-            maps.forget_flow(key)?;
-        }
-        Ok(stale.len())
+        maps.forget_flows_where(&mut |key, entry| {
+            !current.backends.contains_key(&entry.backend_id)
+                || !current.rev_nat.contains_key(&entry.rev_nat_id)
+                || (key.protocol == IPPROTO_UDP
+                    && removed.contains(&(entry.rev_nat_id, entry.backend_id)))
+        })
+        .context("forgetting the flows of removed backends and frontends")
     }
 }

@@ -2,21 +2,26 @@
 //! what the kernel answers (E2BIG from a full map, ENOENT from a delete of a missing key, the
 //! count of a batch that stopped) is what the syncer must handle.
 
-use std::{cell::Cell, mem, net::Ipv4Addr, os::fd::AsFd as _};
+use std::{
+    cell::Cell,
+    collections::{BTreeMap, BTreeSet},
+    mem,
+    net::Ipv4Addr,
+    os::fd::AsFd as _,
+};
 
 use anyhow::Result;
 use aya::{
     Pod,
-    maps::{HashMap, IterableMap as _, Map, MapData, MapError},
+    maps::{HashMap, IterableMap as _, Map, MapData},
 };
 use service_common::{
-    BACKENDS_V4_MAP, BackendV4, ConntrackEntryV4, ConntrackKeyV4, FRONTEND_ADDRESSES_V4_MAP,
-    IPPROTO_TCP, IPPROTO_UDP, REV_NAT_V4_MAP, RevNatV4, SERVICES_V4_MAP, ServiceEntry,
+    BackendV4, ConntrackEntryV4, ConntrackKeyV4, IPPROTO_TCP, IPPROTO_UDP, RevNatV4, ServiceEntry,
     ServiceKeyV4,
 };
 
 use super::{
-    Ledger, MapContents, MapOp, Maps, NextIds, ServiceMap, SyncReport, Syncer,
+    Ledger, MapContents, MapOp, Maps, NextIds, ServiceMap, SyncError, SyncReport, Syncer,
     plan::frontend_key,
     tests::{self, endpoint},
 };
@@ -26,8 +31,8 @@ use crate::{
 };
 
 /// A BPF hash map with room for `max_entries`, allocating as it fills (BPF_F_NO_PREALLOC) as
-/// the agent's service maps do; None when not root.
-fn hash_map<K: Pod, V: Pod>(max_entries: u32) -> Option<HashMap<MapData, K, V>> {
+/// the agent's service maps do (root needed, as for the agent).
+fn hash_map<K: Pod, V: Pod>(max_entries: u32) -> HashMap<MapData, K, V> {
     const BPF_MAP_TYPE_HASH: u32 = 1;
     const BPF_F_NO_PREALLOC: u32 = 1;
     let fd = batch::test_map(
@@ -36,9 +41,9 @@ fn hash_map<K: Pod, V: Pod>(max_entries: u32) -> Option<HashMap<MapData, K, V>> 
         mem::size_of::<V>(),
         max_entries,
         BPF_F_NO_PREALLOC,
-    )?;
+    );
     let map = Map::from_map_data(MapData::from_fd(fd).unwrap()).unwrap();
-    Some(HashMap::try_from(map).unwrap())
+    HashMap::try_from(map).unwrap()
 }
 
 /// The service maps with the given room, conntrack, and the watermarks (kept in memory).
@@ -54,6 +59,72 @@ struct TestMaps {
     writes: Vec<String>,
     /// How many of the next reads of conntrack fail.
     conntrack_read_failures: Cell<usize>,
+    /// How many of the next runs of writes fail (EIO) before writing anything.
+    write_failures: usize,
+    /// When set, writes go one at a time, each followed by this check.
+    watch: Option<Watch>,
+}
+
+/// What a packet may meet while a sync writes: for each frontend, the backends it had before
+/// the sync and those the desired state gives it, and whether it serves (count > 0) in both.
+struct Watch {
+    allowed: BTreeMap<ServiceKeyV4, BTreeSet<BackendV4>>,
+    serving: BTreeSet<ServiceKeyV4>,
+    /// Writes checked.
+    writes: usize,
+}
+
+impl Watch {
+    /// Watches the way from what `maps` hold to `desired`.
+    fn new(maps: &TestMaps, desired: &DesiredState) -> Self {
+        let (before, after) = (
+            reachable(&maps.read_contents().unwrap()),
+            reachable(&from_scratch(desired)),
+        );
+        let mut allowed: BTreeMap<ServiceKeyV4, BTreeSet<BackendV4>> = BTreeMap::new();
+        for (key, (_, backends)) in before.iter().chain(&after) {
+            allowed.entry(*key).or_default().extend(backends);
+        }
+        let serving = (before.iter())
+            .filter(|(key, (count, _))| {
+                *count > 0 && after.get(key).is_some_and(|(count, _)| *count > 0)
+            })
+            .map(|(key, _)| *key)
+            .collect();
+        Self {
+            allowed,
+            serving,
+            writes: 0,
+        }
+    }
+
+    /// Panics, naming the write, when `held` exposes a backend that is gone or that the frontend
+    /// has neither before nor after, or refuses connections on a frontend that serves before
+    /// and after.
+    fn check(&mut self, held: &MapContents, op: &MapOp) {
+        self.writes += 1;
+        let write = self.writes;
+        for (key, meta) in held.services.iter().filter(|(key, _)| key.slot == 0) {
+            assert!(
+                meta.count > 0 || !self.serving.contains(key),
+                "after write {write} ({op:?}): {key:?} refuses connections"
+            );
+            for slot in 1..=meta.count {
+                let entry = held.services.get(&ServiceKeyV4 { slot, ..*key });
+                let backend = entry.and_then(|entry| held.backends.get(&entry.backend_id));
+                let Some(backend) = backend else {
+                    panic!("after write {write} ({op:?}): slot {slot} of {key:?} names no backend");
+                };
+                assert!(
+                    self.allowed
+                        .get(key)
+                        .is_some_and(|allowed| allowed.contains(backend)),
+                    "after write {write} ({op:?}): {key:?} names {backend:?}, which it has neither \
+                     before nor after"
+                );
+            }
+        }
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -72,19 +143,62 @@ const ROOMY: Room = Room {
 };
 
 impl TestMaps {
-    /// None, and the test is skipped with a message, when not root.
-    fn new(room: Room) -> Option<Self> {
-        Some(Self {
-            services: hash_map(room.services)?,
-            frontend_addresses: hash_map(room.frontend_addresses)?,
-            backends: hash_map(room.backends)?,
-            rev_nat: hash_map(room.rev_nat)?,
-            conntrack: hash_map(64)?,
+    fn new(room: Room) -> Self {
+        Self {
+            services: hash_map(room.services),
+            frontend_addresses: hash_map(room.frontend_addresses),
+            backends: hash_map(room.backends),
+            rev_nat: hash_map(room.rev_nat),
+            conntrack: hash_map(64),
             room,
             watermarks: NextIds::default(),
             writes: Vec::new(),
             conntrack_read_failures: Cell::new(0),
-        })
+            write_failures: 0,
+            watch: None,
+        }
+    }
+
+    /// Writes a run of one kind with one batch.
+    fn write(&mut self, run: &[MapOp]) -> Result<(), batch::Stopped> {
+        let kind = format!("{:?}", run[0]);
+        self.writes.push(kind[..kind.find('(').unwrap()].to_owned());
+        match &run[0] {
+            MapOp::PutService(..) => put_all(&self.services, run, |op| match op {
+                MapOp::PutService(key, entry) => (*key, *entry),
+                _ => unreachable!(),
+            }),
+            MapOp::PutBackend(..) => put_all(&self.backends, run, |op| match op {
+                MapOp::PutBackend(id, backend) => (*id, *backend),
+                _ => unreachable!(),
+            }),
+            MapOp::PutRevNat(..) => put_all(&self.rev_nat, run, |op| match op {
+                MapOp::PutRevNat(id, rev_nat) => (*id, *rev_nat),
+                _ => unreachable!(),
+            }),
+            MapOp::PutFrontendAddress(_) => put_all(&self.frontend_addresses, run, |op| match op {
+                MapOp::PutFrontendAddress(address) => (*address, 1),
+                _ => unreachable!(),
+            }),
+            MapOp::DeleteService(_) => delete_all(&self.services, run, |op| match op {
+                MapOp::DeleteService(key) => *key,
+                _ => unreachable!(),
+            }),
+            MapOp::DeleteBackend(_) => delete_all(&self.backends, run, |op| match op {
+                MapOp::DeleteBackend(id) => *id,
+                _ => unreachable!(),
+            }),
+            MapOp::DeleteRevNat(_) => delete_all(&self.rev_nat, run, |op| match op {
+                MapOp::DeleteRevNat(id) => *id,
+                _ => unreachable!(),
+            }),
+            MapOp::DeleteFrontendAddress(_) => {
+                delete_all(&self.frontend_addresses, run, |op| match op {
+                    MapOp::DeleteFrontendAddress(address) => *address,
+                    _ => unreachable!(),
+                })
+            }
+        }
     }
 }
 
@@ -128,54 +242,33 @@ impl Maps for TestMaps {
     }
 
     fn apply_run(&mut self, run: &[MapOp]) -> Result<(), batch::Stopped> {
-        let kind = format!("{:?}", run[0]);
-        self.writes.push(kind[..kind.find('(').unwrap()].to_owned());
-        match &run[0] {
-            MapOp::PutService(..) => put_all(&self.services, run, |op| match op {
-                MapOp::PutService(key, entry) => (*key, *entry),
-                _ => unreachable!(),
-            }),
-            MapOp::PutBackend(..) => put_all(&self.backends, run, |op| match op {
-                MapOp::PutBackend(id, backend) => (*id, *backend),
-                _ => unreachable!(),
-            }),
-            MapOp::PutRevNat(..) => put_all(&self.rev_nat, run, |op| match op {
-                MapOp::PutRevNat(id, rev_nat) => (*id, *rev_nat),
-                _ => unreachable!(),
-            }),
-            MapOp::PutFrontendAddress(_) => put_all(&self.frontend_addresses, run, |op| match op {
-                MapOp::PutFrontendAddress(address) => (*address, 1),
-                _ => unreachable!(),
-            }),
-            MapOp::DeleteService(_) => delete_all(&self.services, run, |op| match op {
-                MapOp::DeleteService(key) => *key,
-                _ => unreachable!(),
-            }),
-            MapOp::DeleteBackend(_) => delete_all(&self.backends, run, |op| match op {
-                MapOp::DeleteBackend(id) => *id,
-                _ => unreachable!(),
-            }),
-            MapOp::DeleteRevNat(_) => delete_all(&self.rev_nat, run, |op| match op {
-                MapOp::DeleteRevNat(id) => *id,
-                _ => unreachable!(),
-            }),
-            MapOp::DeleteFrontendAddress(_) => {
-                delete_all(&self.frontend_addresses, run, |op| match op {
-                    MapOp::DeleteFrontendAddress(address) => *address,
-                    _ => unreachable!(),
-                })
-            }
+        if self.write_failures > 0 {
+            self.write_failures -= 1;
+            return Err(batch::Stopped {
+                written: 0,
+                error: std::io::Error::from_raw_os_error(libc::EIO),
+            });
         }
+        if self.watch.is_none() {
+            return self.write(run);
+        }
+        for (at, op) in run.iter().enumerate() {
+            (self.write(std::slice::from_ref(op))).map_err(|stopped| batch::Stopped {
+                written: at + stopped.written,
+                error: stopped.error,
+            })?;
+            let held = self.read_contents().unwrap();
+            self.watch.as_mut().unwrap().check(&held, op);
+        }
+        Ok(())
     }
 
-    fn target_of(&self, op: &MapOp) -> (&'static str, u32) {
-        match op.map() {
-            ServiceMap::Services => (SERVICES_V4_MAP, self.room.services),
-            ServiceMap::Backends => (BACKENDS_V4_MAP, self.room.backends),
-            ServiceMap::RevNat => (REV_NAT_V4_MAP, self.room.rev_nat),
-            ServiceMap::FrontendAddresses => {
-                (FRONTEND_ADDRESSES_V4_MAP, self.room.frontend_addresses)
-            }
+    fn capacity(&self, map: ServiceMap) -> u32 {
+        match map {
+            ServiceMap::Services => self.room.services,
+            ServiceMap::Backends => self.room.backends,
+            ServiceMap::RevNat => self.room.rev_nat,
+            ServiceMap::FrontendAddresses => self.room.frontend_addresses,
         }
     }
 
@@ -190,30 +283,18 @@ impl Maps for TestMaps {
         Ok(())
     }
 
-    fn conntrack_keys_where(
-        &self,
+    fn forget_flows_where(
+        &mut self,
         stale: &mut dyn FnMut(&ConntrackKeyV4, &ConntrackEntryV4) -> bool,
-    ) -> Result<Vec<ConntrackKeyV4>> {
+    ) -> Result<usize> {
         let failures = self.conntrack_read_failures.get();
         if failures > 0 {
             self.conntrack_read_failures.set(failures - 1);
             anyhow::bail!("reading CONNTRACK_V4: injected failure");
         }
-        let mut keys = Vec::new();
-        for item in self.conntrack.iter() {
-            let (key, entry) = item?;
-            if stale(&key, &entry) {
-                keys.push(key);
-            }
-        }
-        Ok(keys)
-    }
-
-    fn forget_flow(&mut self, key: &ConntrackKeyV4) -> Result<()> {
-        match self.conntrack.remove(key) {
-            Err(MapError::KeyNotFound) | Ok(()) => Ok(()),
-            Err(error) => Err(error.into()),
-        }
+        // Small chunks, so that a purge spans several.
+        let swept = batch::delete_where(self.conntrack.map().fd().as_fd(), 2, stale)?;
+        Ok(swept.deleted)
     }
 }
 
@@ -251,6 +332,22 @@ fn meaning(contents: &MapContents) -> Vec<(ServiceKeyV4, Vec<u32>)> {
                 .collect();
             backends.sort_unstable();
             (*key, backends)
+        })
+        .collect()
+}
+
+/// The backends each frontend can reach (those of its slots 1..=count, that exist), and its
+/// count.
+fn reachable(contents: &MapContents) -> BTreeMap<ServiceKeyV4, (u16, BTreeSet<BackendV4>)> {
+    (contents.services.iter())
+        .filter(|(key, _)| key.slot == 0)
+        .map(|(key, meta)| {
+            let backends = (1..=meta.count)
+                .filter_map(|slot| contents.services.get(&ServiceKeyV4 { slot, ..*key }))
+                .filter_map(|entry| contents.backends.get(&entry.backend_id))
+                .copied()
+                .collect();
+            (*key, (meta.count, backends))
         })
         .collect()
 }
@@ -302,14 +399,12 @@ fn flows(maps: &TestMaps) -> Vec<u16> {
 #[test]
 fn a_full_map_takes_what_the_plan_removes_before_what_it_adds() {
     // Room for exactly one Service with two endpoints, in every map.
-    let Some(mut maps) = TestMaps::new(Room {
+    let mut maps = TestMaps::new(Room {
         services: 3,
         backends: 2,
         rev_nat: 1,
         frontend_addresses: 1,
-    }) else {
-        return;
-    };
+    });
     let mut syncer = Syncer::new(&maps, Node::default()).unwrap();
     syncer
         .sync(&state(&[("old", 10, &[2, 3])]), &mut maps)
@@ -322,18 +417,16 @@ fn a_full_map_takes_what_the_plan_removes_before_what_it_adds() {
 
 #[test]
 fn a_full_map_is_one_error_naming_the_map_what_did_not_fit_and_whose() {
-    let Some(mut maps) = TestMaps::new(Room {
+    let mut maps = TestMaps::new(Room {
         services: 2,
         ..ROOMY
-    }) else {
-        return;
-    };
+    });
     let mut syncer = Syncer::new(&maps, Node::default()).unwrap();
     // Each Service needs a count and a slot: both slots fit, neither count does.
     let error = syncer
         .sync(&state(&[("a", 10, &[2]), ("b", 11, &[3])]), &mut maps)
         .unwrap_err();
-    assert!(error.is_map_full(), "{error:?}");
+    assert!(matches!(error, SyncError::MapFull(_)), "{error:?}");
     assert_eq!(
         error.to_string(),
         "SERVICES_V4 is full (2 entries): 2 of 4 writes did not fit, for default/a and 1 more \
@@ -346,18 +439,16 @@ fn a_full_map_is_one_error_naming_the_map_what_did_not_fit_and_whose() {
 
 #[test]
 fn after_a_failed_sync_the_next_one_rereads_the_maps_and_purges_stale_flows() {
-    let Some(mut maps) = TestMaps::new(Room {
+    let mut maps = TestMaps::new(Room {
         services: 2,
         ..ROOMY
-    }) else {
-        return;
-    };
+    });
     let mut syncer = Syncer::new(&maps, Node::default()).unwrap();
     let one = state(&[("b", 11, &[3])]);
     syncer.sync(&one, &mut maps).unwrap();
     let too_many = state(&[("a", 10, &[2]), ("b", 11, &[3])]);
     let error = syncer.sync(&too_many, &mut maps).unwrap_err();
-    assert!(error.is_map_full(), "{error:?}");
+    assert!(matches!(error, SyncError::MapFull(_)), "{error:?}");
     // Meanwhile something the syncer did not write: only reading the maps again finds it.
     let stray = RevNatV4 {
         address: u32::from_ne_bytes([10, 96, 9, 9]),
@@ -379,9 +470,7 @@ fn after_a_failed_sync_the_next_one_rereads_the_maps_and_purges_stale_flows() {
 
 #[test]
 fn a_delete_that_finds_nothing_is_done_and_the_rest_of_its_run_goes_on() {
-    let Some(mut maps) = TestMaps::new(ROOMY) else {
-        return;
-    };
+    let mut maps = TestMaps::new(ROOMY);
     let mut syncer = Syncer::new(&maps, Node::default()).unwrap();
     syncer
         .sync(&state(&[("web", 10, &[2, 3, 4])]), &mut maps)
@@ -400,9 +489,7 @@ fn a_delete_that_finds_nothing_is_done_and_the_rest_of_its_run_goes_on() {
 
 #[test]
 fn ids_go_past_the_watermarks_and_the_maps_and_are_recorded_before_use() {
-    let Some(mut maps) = TestMaps::new(ROOMY) else {
-        return;
-    };
+    let mut maps = TestMaps::new(ROOMY);
     // A previous agent handed out ids up to 99 and 49, and left backend 120 in the maps.
     maps.watermarks = NextIds {
         backend: 100,
@@ -458,9 +545,7 @@ fn ids_go_past_the_watermarks_and_the_maps_and_are_recorded_before_use() {
 
 #[test]
 fn the_first_sync_purges_flows_that_name_ids_the_maps_do_not_hold() {
-    let Some(mut maps) = TestMaps::new(ROOMY) else {
-        return;
-    };
+    let mut maps = TestMaps::new(ROOMY);
     let web = state(&[("web", 10, &[2])]);
     Syncer::new(&maps, Node::default())
         .unwrap()
@@ -497,9 +582,7 @@ fn the_first_sync_purges_flows_that_name_ids_the_maps_do_not_hold() {
 
 #[test]
 fn a_purge_that_failed_is_done_by_the_next_sync() {
-    let Some(mut maps) = TestMaps::new(ROOMY) else {
-        return;
-    };
+    let mut maps = TestMaps::new(ROOMY);
     let mut syncer = Syncer::new(&maps, Node::default()).unwrap();
     // Two Services share a backend; one of them loses it, which ends its UDP flows only.
     syncer
@@ -523,4 +606,99 @@ fn a_purge_that_failed_is_done_by_the_next_sync() {
     let report = syncer.sync(&without, &mut maps).unwrap();
     assert_eq!((report.map_writes, report.conntrack_purged), (0, 1));
     assert_eq!(flows(&maps), [40001], "TCP flows finish on their backend");
+}
+
+/// The last octet of the address of the backend in `slot` of the ClusterIP 10.96.0.`ip`.
+fn endpoint_in_slot(maps: &TestMaps, ip: u8, slot: u16) -> u8 {
+    let held = maps.read_contents().unwrap();
+    let frontend = frontend_key(Ipv4Addr::new(10, 96, 0, ip), 80, Protocol::Tcp);
+    let entry = held.services[&ServiceKeyV4 { slot, ..frontend }];
+    held.backends[&entry.backend_id].address.to_ne_bytes()[3]
+}
+
+#[test]
+fn a_full_backend_map_takes_a_replaced_endpoint_on_the_retry() {
+    // Room for web's three backends, one of which api shares.
+    let mut maps = TestMaps::new(Room {
+        backends: 3,
+        ..ROOMY
+    });
+    let mut syncer = Syncer::new(&maps, Node::default()).unwrap();
+    let before = state(&[("api", 11, &[4]), ("web", 10, &[2, 3, 4])]);
+    syncer.sync(&before, &mut maps).unwrap();
+    // A rolling update replaces the pod in web's first slot: the other two must move down.
+    assert_eq!(endpoint_in_slot(&maps, 10, 1), 2);
+    let after = state(&[("api", 11, &[4]), ("web", 10, &[3, 4, 5])]);
+
+    // Planned as usual, the new backend comes before the old one goes: no room.
+    let error = syncer.sync(&after, &mut maps).unwrap_err();
+    let SyncError::MapFull(full) = &error else {
+        panic!("{error:?}");
+    };
+    assert_eq!(full.map, "BACKENDS_V4");
+    assert_serves(&maps, &before);
+
+    // The retry shrinks web to the backends it keeps first.
+    maps.watch = Some(Watch::new(&maps, &after));
+    syncer.sync(&after, &mut maps).unwrap();
+    assert_serves(&maps, &after);
+    assert!(
+        maps.watch.take().unwrap().writes >= 8,
+        "the plan was checked write by write"
+    );
+
+    // What the ledger recorded is what the maps hold: the next change is planned from it.
+    let next = state(&[("api", 11, &[4]), ("web", 10, &[4, 5])]);
+    syncer.sync(&next, &mut maps).unwrap();
+    assert_serves(&maps, &next);
+}
+
+#[test]
+fn a_full_service_map_lets_one_service_shrink_as_another_grows_on_the_retry() {
+    // Room for a count and four slots, and a count and two: then two and four.
+    let mut maps = TestMaps::new(Room {
+        services: 8,
+        ..ROOMY
+    });
+    let mut syncer = Syncer::new(&maps, Node::default()).unwrap();
+    let before = state(&[("a", 10, &[2, 3, 4, 5]), ("b", 11, &[6, 7])]);
+    syncer.sync(&before, &mut maps).unwrap();
+    let after = state(&[("a", 10, &[2, 3]), ("b", 11, &[6, 7, 8, 9])]);
+
+    let error = syncer.sync(&after, &mut maps).unwrap_err();
+    let SyncError::MapFull(full) = &error else {
+        panic!("{error:?}");
+    };
+    assert_eq!(full.map, "SERVICES_V4");
+    let held = maps.read_contents().unwrap();
+    assert_eq!(meaning(&held), meaning(&from_scratch(&before)), "as before");
+
+    maps.watch = Some(Watch::new(&maps, &after));
+    syncer.sync(&after, &mut maps).unwrap();
+    assert_serves(&maps, &after);
+    assert!(
+        maps.watch.take().unwrap().writes >= 7,
+        "the plan was checked write by write"
+    );
+}
+
+#[test]
+fn only_the_retry_after_a_full_map_removes_a_replaced_backend_first() {
+    let mut maps = TestMaps::new(ROOMY);
+    let mut syncer = Syncer::new(&maps, Node::default()).unwrap();
+    syncer
+        .sync(&state(&[("web", 10, &[2, 3, 4])]), &mut maps)
+        .unwrap();
+    let swap = state(&[("web", 10, &[3, 4, 5])]);
+    maps.write_failures = 1;
+    let error = syncer.sync(&swap, &mut maps).unwrap_err();
+    assert!(matches!(error, SyncError::Write { .. }), "{error:?}");
+    maps.writes.clear();
+    syncer.sync(&swap, &mut maps).unwrap();
+    assert_eq!(
+        maps.writes,
+        ["PutBackend", "PutService", "DeleteBackend"],
+        "the new backend in slot 1, as any plan with room does"
+    );
+    assert_serves(&maps, &swap);
 }

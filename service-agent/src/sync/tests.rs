@@ -11,7 +11,9 @@ use service_common::{
     BackendV4, RevNatV4, SCOPE_CLUSTER, SERVICE_EXTERNAL, SERVICE_LOCAL, ServiceKeyV4,
 };
 
-use super::{Ledger, MapContents, MapOp, NextIds, plan::frontend_key};
+use super::{
+    Ledger, MapContents, MapOp, NextIds, Removals, contents::first_phase, plan::frontend_key,
+};
 use crate::model::{
     DesiredState, Endpoint, Node, Protocol, Service, ServiceName, ServicePort, ServiceType,
     TrafficPolicy,
@@ -416,6 +418,7 @@ fn incremental_plans_mean_what_a_plan_from_scratch_means() {
         let previous = ledger.current().clone();
         let (ops, incremental) = step(&mut ledger, &desired);
         assert_never_half_written(&previous, &ops, round);
+        assert_only_old_or_new_backends(&previous, &ops, &incremental, round);
         let mut scratch = Ledger::new(MapContents::default(), NextIds::default(), node.clone());
         let (_, from_scratch) = step(&mut scratch, &desired);
         let ((frontends, backends), (expected_frontends, expected_backends)) =
@@ -558,7 +561,7 @@ fn a_plan_that_replaces_a_service_removes_all_of_it_before_adding_anything() {
         let (_, programmed) = step(&mut ledger, &old);
         if full {
             // As after a failed sync: the plan compares the whole maps.
-            ledger.reload(programmed.clone());
+            ledger.reload(programmed.clone(), Removals::Frontends);
         }
         let moving = programmed
             .backends
@@ -619,7 +622,7 @@ fn after_a_failed_sync_the_next_plan_starts_from_what_the_maps_hold() {
         ..BackendV4::default()
     };
     maps.backends.insert(99, stray);
-    ledger.reload(maps.clone());
+    ledger.reload(maps.clone(), Removals::Frontends);
     let (ops, contents) = step(&mut ledger, &desired);
     assert_eq!(apply(&maps, &ops), contents, "the plan applies to the maps");
     assert!(!contents.backends.contains_key(&99));
@@ -628,4 +631,232 @@ fn after_a_failed_sync_the_next_plan_starts_from_what_the_maps_hold() {
     let other = state(&[("web", [10, 96, 0, 10], vec![endpoint(7, true)])]);
     let (_, contents) = step(&mut ledger, &other);
     assert!(contents.backends.keys().all(|id| *id > 99), "{contents:?}");
+}
+
+/// The backends each frontend can reach: those of its slots 1..=count.
+fn reachable(contents: &MapContents) -> BTreeMap<ServiceKeyV4, (u16, BTreeSet<u32>)> {
+    (contents.services.iter())
+        .filter(|(key, _)| key.slot == 0)
+        .map(|(key, meta)| {
+            let slots = (1..=meta.count)
+                .filter_map(|slot| contents.services.get(&ServiceKeyV4 { slot, ..*key }));
+            (*key, (meta.count, slots.map(|e| e.backend_id).collect()))
+        })
+        .collect()
+}
+
+/// Applies `ops` one at a time from `start` (ending at `end`) and checks that a packet never
+/// meets a backend its frontend has neither before nor after the plan, and that a frontend
+/// serving before and after never refuses connections (count 0) in between.
+fn assert_only_old_or_new_backends(
+    start: &MapContents,
+    ops: &[MapOp],
+    end: &MapContents,
+    round: usize,
+) {
+    let (before, after) = (reachable(start), reachable(end));
+    let mut contents = start.clone();
+    for (at, op) in ops.iter().enumerate() {
+        contents.record(op);
+        for (key, (count, backends)) in reachable(&contents) {
+            let context = || format!("round {round}, after write {at} ({op:?}) of {ops:?}");
+            let old = before.get(&key).map(|(count, ids)| (*count, ids.clone()));
+            let new = after.get(&key).map(|(count, ids)| (*count, ids.clone()));
+            let (old_count, old_ids) = old.unwrap_or_default();
+            let (new_count, new_ids) = new.unwrap_or_default();
+            for id in &backends {
+                assert!(
+                    old_ids.contains(id) || new_ids.contains(id),
+                    "{key:?} names backend {id}, which it has neither before nor after: {}",
+                    context()
+                );
+            }
+            assert!(
+                count > 0 || old_count == 0 || new_count == 0,
+                "{key:?} refuses connections mid-plan: {}",
+                context()
+            );
+        }
+    }
+}
+
+/// The most entries each of the services, backends and rev-NAT maps held while `ops` were
+/// applied one at a time from `start`.
+fn peak_entries(start: &MapContents, ops: &[MapOp]) -> [usize; 3] {
+    let sizes = |c: &MapContents| [c.services.len(), c.backends.len(), c.rev_nat.len()];
+    let mut contents = start.clone();
+    let mut peak = sizes(&contents);
+    for op in ops {
+        contents.record(op);
+        for (peak, size) in peak.iter_mut().zip(sizes(&contents)) {
+            *peak = (*peak).max(size);
+        }
+    }
+    peak
+}
+
+/// Whether some frontend that serves before and after `start` -> `end` keeps none of its
+/// backends: the plan after a full map leaves it as it is until its new backends are in.
+fn replaces_every_backend_of_a_frontend(start: &MapContents, end: &MapContents) -> bool {
+    let after = reachable(end);
+    reachable(start).iter().any(|(key, (count, old))| {
+        after
+            .get(key)
+            .is_some_and(|(_, new)| *count > 0 && !new.is_empty() && old.is_disjoint(new))
+    })
+}
+
+#[test]
+fn plans_after_a_full_map_shrink_what_stays_first_and_leave_the_ledger_right() {
+    let node = Node {
+        ips: vec![Ipv4Addr::new(192, 168, 100, 1)],
+        name: Some("node-0".into()),
+    };
+    let mut rng = Lcg(11);
+    let mut ledger = Ledger::new(MapContents::default(), NextIds::default(), node.clone());
+    let mut desired = DesiredState::default();
+    let mut shrunk = 0;
+    for round in 0..1000 {
+        change_one_service(&mut desired, &mut rng);
+        // Every other plan follows a full map (and re-reads the maps); the plans in between
+        // are incremental, and only right if the ledger's shares are what the maps hold.
+        let after_full_map = round % 2 == 0;
+        let previous = ledger.current().clone();
+        if after_full_map {
+            ledger.reload(previous.clone(), Removals::FrontendsAndSlots);
+        }
+        let (ops, next) = step(&mut ledger, &desired);
+        assert_never_half_written(&previous, &ops, round);
+        assert_only_old_or_new_backends(&previous, &ops, &next, round);
+        if after_full_map {
+            let shrinks = first_phase(&previous, &next, Removals::FrontendsAndSlots)
+                != first_phase(&previous, &next, Removals::Frontends);
+            shrunk += usize::from(shrinks);
+            // It needs no more room than the maps hold before or after it.
+            if !replaces_every_backend_of_a_frontend(&previous, &next) {
+                let (before, after) = (peak_entries(&previous, &[]), peak_entries(&next, &[]));
+                let peak = peak_entries(&previous, &ops);
+                for map in 0..3 {
+                    assert!(
+                        peak[map] <= before[map].max(after[map]),
+                        "round {round}: map {map} peaks at {peak:?}, {before:?} before, \
+                         {after:?} after: {ops:?}"
+                    );
+                }
+            }
+        }
+        let mut scratch = Ledger::new(MapContents::default(), NextIds::default(), node.clone());
+        let (_, from_scratch) = step(&mut scratch, &desired);
+        assert_eq!(meaning(&next), meaning(&from_scratch), "round {round}");
+        let (again, _) = step(&mut ledger, &desired);
+        assert!(again.is_empty(), "round {round}: replanned {again:?}");
+    }
+    assert!(
+        shrunk > 50,
+        "only {shrunk} plans shrank a frontend that stays"
+    );
+}
+
+/// A ledger that programmed "web" (10.96.0.10) with `endpoints` (last octets), and the maps.
+fn programmed(endpoints: &[u8]) -> (Ledger, MapContents) {
+    let endpoints = endpoints.iter().map(|octet| endpoint(*octet, true));
+    let desired = state(&[("web", [10, 96, 0, 10], endpoints.collect())]);
+    let mut ledger = fresh();
+    let (_, contents) = step(&mut ledger, &desired);
+    (ledger, contents)
+}
+
+fn backend_id(contents: &MapContents, last_octet: u8) -> u32 {
+    let address = u32::from_ne_bytes([10, 244, 0, last_octet]);
+    let found = contents.backends.iter().find(|(_, b)| b.address == address);
+    *found.unwrap().0
+}
+
+#[test]
+fn after_a_full_map_a_replaced_backend_goes_before_its_successor_comes() {
+    let next = state(&[(
+        "web",
+        [10, 96, 0, 10],
+        vec![endpoint(3, true), endpoint(4, true), endpoint(5, true)],
+    )]);
+    for removals in [Removals::Frontends, Removals::FrontendsAndSlots] {
+        let (mut ledger, before) = programmed(&[2, 3, 4]);
+        let replaced = backend_id(&before, 2);
+        let slot_1 = ServiceKeyV4 {
+            slot: 1,
+            ..frontend_key(Ipv4Addr::new(10, 96, 0, 10), 80, Protocol::Tcp)
+        };
+        assert_eq!(before.services[&slot_1].backend_id, replaced, "{before:?}");
+        ledger.reload(before.clone(), removals);
+        let (ops, after) = step(&mut ledger, &next);
+        let deleted = ops
+            .iter()
+            .position(|op| *op == MapOp::DeleteBackend(replaced));
+        let added = ops
+            .iter()
+            .position(|op| matches!(op, MapOp::PutBackend(..)));
+        let (deleted, added) = (deleted.unwrap(), added.unwrap());
+        if removals == Removals::Frontends {
+            assert!(
+                added < deleted,
+                "with room to spare, plans stay as they were"
+            );
+            continue;
+        }
+        assert!(deleted < added, "{ops:?}");
+        // Until then, only writes that need no room: overwrites, and deletes.
+        let mut contents = before.clone();
+        for op in &ops[..added] {
+            if let MapOp::PutService(key, _) = op {
+                assert!(contents.services.contains_key(key), "{op:?} in {ops:?}");
+            } else {
+                assert!(op.is_delete(), "{op:?} in {ops:?}");
+            }
+            contents.record(op);
+        }
+        // The slot of the replaced backend took a kept one: two slots, both kept backends.
+        let kept = [backend_id(&before, 3), backend_id(&before, 4)];
+        assert_eq!(
+            reachable(&contents).into_values().next().unwrap(),
+            (2, kept.into())
+        );
+        assert_never_half_written(&before, &ops, 0);
+        assert_only_old_or_new_backends(&before, &ops, &after, 0);
+        assert_eq!(meaning(&after), meaning(&step(&mut fresh(), &next).1));
+    }
+}
+
+#[test]
+fn after_a_full_map_a_frontend_that_keeps_none_of_its_backends_is_left_serving() {
+    let (mut ledger, before) = programmed(&[2, 3]);
+    ledger.reload(before.clone(), Removals::FrontendsAndSlots);
+    let next = state(&[("web", [10, 96, 0, 10], vec![endpoint(4, true)])]);
+    let (ops, after) = step(&mut ledger, &next);
+    assert!(matches!(ops[0], MapOp::PutBackend(..)), "{ops:?}");
+    assert_only_old_or_new_backends(&before, &ops, &after, 0);
+    assert_eq!(meaning(&after), meaning(&step(&mut fresh(), &next).1));
+}
+
+#[test]
+fn after_a_full_map_a_frontend_scaled_to_zero_frees_its_room_before_anything_is_added() {
+    let web = |endpoints| ("web", [10, 96, 0, 10], endpoints);
+    let api = |endpoints| ("api", [10, 96, 0, 11], endpoints);
+    let before = state(&[api(vec![]), web(vec![endpoint(2, true), endpoint(3, true)])]);
+    let mut ledger = fresh();
+    let (_, programmed) = step(&mut ledger, &before);
+    ledger.reload(programmed.clone(), Removals::FrontendsAndSlots);
+    let after = state(&[api(vec![endpoint(4, true), endpoint(5, true)]), web(vec![])]);
+    let (ops, next) = step(&mut ledger, &after);
+    let first_put = ops
+        .iter()
+        .position(|op| matches!(op, MapOp::PutBackend(..)));
+    let deletes = ops[..first_put.unwrap()].iter().filter(|op| op.is_delete());
+    assert_eq!(
+        deletes.count(),
+        4,
+        "web's two slots and two backends: {ops:?}"
+    );
+    assert_never_half_written(&programmed, &ops, 0);
+    assert_only_old_or_new_backends(&programmed, &ops, &next, 0);
+    assert_eq!(meaning(&next), meaning(&step(&mut fresh(), &after).1));
 }
