@@ -29,11 +29,6 @@ pub const MIN_INTERVAL: Duration = Duration::from_secs(10);
 /// maps get 30 min there): an LRU table cannot fill up with dead entries between two runs.
 pub const MAX_INTERVAL: Duration = Duration::from_secs(12 * 60 * 60);
 
-/// Conntrack entries read per system call, by the collector and by the syncer's purge: 4,096
-/// entries of 36 bytes (key and value) is 144 KiB of buffers, and a full table of 262,144
-/// entries is read in 64 calls.
-pub const CHUNK: usize = 4096;
-
 /// Deletes expired conntrack entries, and says when it should run next.
 ///
 /// The run loop calls [`collect`](Self::collect) once at start (maps pinned across an agent
@@ -84,7 +79,7 @@ impl ConntrackCollector {
             conntrack,
             monotonic_coarse_seconds()?,
             &self.lifetimes,
-            CHUNK,
+            batch::CONNTRACK_CHUNK,
         )?;
         self.interval = next_interval(self.interval, swept.deleted, self.max_entries);
         Ok(CollectionReport {

@@ -161,6 +161,11 @@ pub struct Swept {
     pub deleted: usize,
 }
 
+/// Conntrack entries read per system call, by the collector and by the syncer's purge: 4,096
+/// entries of 36 bytes (key and value) is 144 KiB of buffers, and a full table of 262,144
+/// entries is read in 64 calls.
+pub const CONNTRACK_CHUNK: usize = 4096;
+
 /// Deletes the entries of the hash map `map` that `matches`, reading `chunk` at a time (see
 /// [`lookup`]) and deleting each chunk's matches before reading on.
 ///
@@ -195,7 +200,7 @@ pub fn delete_where<K: Pod, V: Pod>(
 
 /// The value of `key` in `map`, None when it has none. A lookup from a system call does not
 /// count as a use for an LRU map's eviction.
-pub fn lookup_one<K: Pod, V: Pod>(map: BorrowedFd, key: &K) -> io::Result<Option<V>> {
+fn lookup_one<K: Pod, V: Pod>(map: BorrowedFd, key: &K) -> io::Result<Option<V>> {
     let mut value = mem::MaybeUninit::<V>::uninit();
     let found = elem(
         BPF_MAP_LOOKUP_ELEM,
@@ -208,7 +213,7 @@ pub fn lookup_one<K: Pod, V: Pod>(map: BorrowedFd, key: &K) -> io::Result<Option
 }
 
 /// Deletes `key` from `map`: false when it was not there.
-pub fn delete_one<K: Pod>(map: BorrowedFd, key: &K) -> io::Result<bool> {
+fn delete_one<K: Pod>(map: BorrowedFd, key: &K) -> io::Result<bool> {
     elem(
         BPF_MAP_DELETE_ELEM,
         map,

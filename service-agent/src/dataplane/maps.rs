@@ -19,7 +19,6 @@ use service_common::{
 
 use super::batch;
 use crate::{
-    conntrack_gc,
     model::Node,
     sync::{MapContents, MapOp, ServiceMap},
 };
@@ -188,7 +187,7 @@ impl ServiceMaps {
         stale: impl FnMut(&ConntrackKeyV4, &ConntrackEntryV4) -> bool,
     ) -> Result<usize> {
         let conntrack = self.conntrack.map().fd().as_fd();
-        let swept = batch::delete_where(conntrack, conntrack_gc::CHUNK, stale)
+        let swept = batch::delete_where(conntrack, batch::CONNTRACK_CHUNK, stale)
             .context("deleting flows from CONNTRACK_V4")?;
         Ok(swept.deleted)
     }
