@@ -13,6 +13,7 @@ use std::{
     fs,
     io::Write as _,
     net::{Ipv4Addr, SocketAddrV4},
+    path::Path,
     process::Command,
     thread,
     time::{Duration, SystemTime},
@@ -203,6 +204,34 @@ fn under_load(
     let report = load.stop()?;
     let _ = writeln!(std::io::stderr(), "--- {what} ---\n{report}");
     Ok(report)
+}
+
+/// Under the steady load, stops `agent` (SIGTERM) and starts another on node A reading only
+/// `manifests`; the load's report and the new agent's log.
+fn replaced_under_load(
+    bed: &Bed,
+    agent: Agent,
+    manifests: &Path,
+    what: &str,
+) -> Result<(LoadReport, String)> {
+    let node_ip = lan::node_ip(NODE_A).to_string();
+    let mut next = None;
+    let report = under_load(bed, &format!("SIGTERM, new agent on {what}"), |_| {
+        ensure!(agent.stop()?.success(), "the agent failed on SIGTERM");
+        next = Some(Agent::start_with(
+            bed.lan.node(NODE_A),
+            &[manifests],
+            &[
+                "--external-interface",
+                EXTERNAL_INTERFACE,
+                "--node-ip",
+                &node_ip,
+            ],
+        )?);
+        Ok(())
+    })?;
+    let log = next.context("no second agent")?.log()?;
+    Ok((report, log))
 }
 
 #[test]
@@ -462,28 +491,8 @@ fn a_new_agent_that_can_read_nothing_keeps_what_the_maps_hold() -> Result<()> {
     let bed = Bed::new()?;
     let _node_b = bed.agent(NODE_B, &[])?;
     let agent = bed.agent(NODE_A, &[])?;
-    let node_ip = lan::node_ip(NODE_A).to_string();
     let missing = bed.lan.node(NODE_A).scratch_dir().join("not-there");
-    let mut next = None;
-    let report = under_load(
-        &bed,
-        "SIGTERM, new agent on a missing manifest path",
-        |_| {
-            ensure!(agent.stop()?.success(), "the agent failed on SIGTERM");
-            next = Some(Agent::start_with(
-                bed.lan.node(NODE_A),
-                &[&missing],
-                &[
-                    "--external-interface",
-                    EXTERNAL_INTERFACE,
-                    "--node-ip",
-                    &node_ip,
-                ],
-            )?);
-            Ok(())
-        },
-    )?;
-    let log = next.context("no second agent")?.log()?;
+    let (report, log) = replaced_under_load(&bed, agent, &missing, "a missing manifest path")?;
     ensure!(
         log.contains("not-there") && !log.contains(" synced "),
         "the agent on a missing path did not say so, or synced:\n{log}"
@@ -618,29 +627,13 @@ fn a_new_agent_that_can_parse_nothing_keeps_what_the_maps_hold() -> Result<()> {
     let bed = Bed::new()?;
     let _node_b = bed.agent(NODE_B, &[])?;
     let agent = bed.agent(NODE_A, &[])?;
-    let node_ip = lan::node_ip(NODE_A).to_string();
     let broken = bed.lan.node(NODE_A).scratch_dir().join("broken");
     fs::create_dir(&broken)?;
     fs::write(
         broken.join("web.yaml"),
         "kind: Service\nspec: [not, a, map\n",
     )?;
-    let mut next = None;
-    let report = under_load(&bed, "SIGTERM, new agent on broken manifests", |_| {
-        ensure!(agent.stop()?.success(), "the agent failed on SIGTERM");
-        next = Some(Agent::start_with(
-            bed.lan.node(NODE_A),
-            &[&broken],
-            &[
-                "--external-interface",
-                EXTERNAL_INTERFACE,
-                "--node-ip",
-                &node_ip,
-            ],
-        )?);
-        Ok(())
-    })?;
-    let log = next.context("no second agent")?.log()?;
+    let (report, log) = replaced_under_load(&bed, agent, &broken, "broken manifests")?;
     ensure!(
         log.contains("no Service could be read") && !log.contains(" synced "),
         "the agent on broken manifests did not say so, or synced:\n{log}"
