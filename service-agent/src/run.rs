@@ -281,7 +281,16 @@ async fn serve_until_signal(
             );
             continue;
         }
-        match syncer.sync(&refresh.state, &mut dataplane.maps) {
+        let synced_maps = syncer.sync(&refresh.state, &mut dataplane.maps);
+        if !attachments.maps_serve {
+            // New maps now hold what the first sync wrote (all of it, or what fitted: serving
+            // part of the Services beats serving none while the rest waits for room). Attached
+            // before the state is published, so that a listed Service is a served one.
+            dataplane.mark_serving()?;
+            attachments.maps_serve = true;
+            attachments.reconcile(dataplane, &args.proc_sys_net)?;
+        }
+        match synced_maps {
             Ok(report) => {
                 tracing::info!(
                     services = refresh.state.services.len(),
@@ -327,13 +336,6 @@ async fn serve_until_signal(
                     backoff: (backoff * 2).min(RETRY_LAST),
                 });
             }
-        }
-        if !attachments.maps_serve {
-            // New maps now hold what the first sync wrote (all of it, or what fitted: serving
-            // part of the Services beats serving none while the rest waits for room).
-            dataplane.mark_serving()?;
-            attachments.maps_serve = true;
-            attachments.reconcile(dataplane, &args.proc_sys_net)?;
         }
     }
 }

@@ -311,7 +311,11 @@ fn local_policy_serves_only_where_an_endpoint_runs_and_keeps_the_client_address(
             manifest::exposed_service(DEFAULT, "web", "web", &exposure),
         ]),
     )?;
-    let _agents = cluster.agents()?;
+    let agents = cluster.agents()?;
+    // Node A must be serving before its nodePort is tried: unserved, the node refuses.
+    for agent in &agents {
+        agent.wait_for_service(DEFAULT, "web")?;
+    }
     let client = cluster.lan.client();
 
     let via_b = tcp(lan::node_ip(NODE_B), 30081);
