@@ -61,6 +61,17 @@ status:
     )
 }
 
+/// [`backend_pod`], Ready, being deleted: a deletionTimestamp (its value does not matter), so the
+/// endpoints controller reports the pod serving and terminating, and a proxy gives it no new
+/// flows while its open ones finish.
+pub fn terminating_backend_pod(pod: &Pod, namespace: &str, app: &str) -> String {
+    backend_pod(pod, namespace, app, true).replacen(
+        "metadata:\n",
+        "metadata:\n  deletionTimestamp: \"2026-01-01T00:00:00Z\"\n",
+        1,
+    )
+}
+
 /// A ClusterIP Service selecting `app: <app>` with a TCP and a UDP port. Without `cluster_ip` the
 /// agent allocates one from the service CIDR, as the API server would.
 pub fn service(namespace: &str, name: &str, app: &str, cluster_ip: Option<Ipv4Addr>) -> String {

@@ -157,7 +157,22 @@ fn scaling_changes_the_answering_backends_while_traffic_flows() -> Result<()> {
             let all = ["web-0", "web-1", "web-2"];
             agent.wait_for_backends(&client, Transport::Tcp, tcp(cluster_ip), &all)?;
             agent.wait_for_backends(&client, Transport::Udp, udp(cluster_ip), &all)?;
-            // 3 -> 1: the Deployment deletes two pods.
+            // 3 -> 1: the Deployment deletes two pods: they terminate (no new flows, open ones
+            // finish), then are gone. Flows still open on a pod that is gone would break, as in
+            // any cluster; the observer's are over by then.
+            let deleting = manifest::documents(
+                [manifest::backend_pod(&web[0], DEFAULT, WEB, true)]
+                    .into_iter()
+                    .chain(
+                        web[1..]
+                            .iter()
+                            .map(|pod| manifest::terminating_backend_pod(pod, DEFAULT, WEB)),
+                    ),
+            );
+            manifests.write("pods.yaml", &deleting)?;
+            agent.wait_for_backends(&client, Transport::Tcp, tcp(cluster_ip), &["web-0"])?;
+            agent.wait_for_backends(&client, Transport::Udp, udp(cluster_ip), &["web-0"])?;
+            thread::sleep(OBSERVER_PAUSE * 10);
             manifests.write("pods.yaml", &pods_manifest(&web[..1], DEFAULT, |_| true))?;
             agent.wait_for_backends(&client, Transport::Tcp, tcp(cluster_ip), &["web-0"])?;
             agent.wait_for_backends(&client, Transport::Udp, udp(cluster_ip), &["web-0"])

@@ -16,7 +16,7 @@ use std::{
     path::Path,
     process::Command,
     thread,
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use anyhow::{Context, Result, ensure};
@@ -86,7 +86,11 @@ impl Bed {
         let pods = serving
             .iter()
             .map(|pod| manifest::backend_pod(pod, DEFAULT, WEB, true))
-            .chain(terminating.iter().map(|pod| terminating_pod(pod)));
+            .chain(
+                terminating
+                    .iter()
+                    .map(|pod| manifest::terminating_backend_pod(pod, DEFAULT, WEB)),
+            );
         self.manifests
             .write("pods.yaml", &manifest::documents(pods))?;
         Ok(())
@@ -150,41 +154,6 @@ fn web_service() -> String {
     manifest::exposed_service(DEFAULT, WEB, WEB, &exposure).replace(
         "  selector:",
         &format!("  clusterIP: {CLUSTER_IP}\n  selector:"),
-    )
-}
-
-/// A backend pod that is being deleted: still Ready, with a deletionTimestamp (the endpoints
-/// controller reports it serving and terminating).
-fn terminating_pod(pod: &Pod) -> String {
-    let now = humanless_rfc3339(SystemTime::now());
-    manifest::backend_pod(pod, DEFAULT, WEB, true).replacen(
-        "metadata:\n",
-        &format!("metadata:\n  deletionTimestamp: \"{now}\"\n"),
-        1,
-    )
-}
-
-/// `time` as RFC 3339 in UTC, to the second.
-fn humanless_rfc3339(time: SystemTime) -> String {
-    let seconds = time
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |since| since.as_secs());
-    let (days, rest) = (seconds / 86_400, seconds % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rest / 3600,
-        rest / 60 % 60,
-        rest % 60
     )
 }
 
