@@ -13,6 +13,8 @@ use std::{
 
 use aya::Pod;
 
+use super::syscall::bpf;
+
 /// `enum bpf_cmd` values from the kernel's uapi/linux/bpf.h.
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
@@ -108,19 +110,13 @@ pub fn lookup<K: Pod, V: Pod>(
             elem_flags: 0,
             flags: 0,
         };
-        // SAFETY: `keys` and `values` have room for `chunk` entries and the tokens for a token;
-        // the kernel writes at most that much, and `attr.count` says how many entries.
-        let result = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &raw mut attr,
-                mem::size_of::<BatchAttr>(),
-            )
-        };
-        let end = result != 0 && {
-            let error = io::Error::last_os_error();
-            match error.raw_os_error() {
+        // SAFETY: a `batch` attribute; `keys` and `values` have room for `chunk` entries and the
+        // tokens for a token; the kernel writes at most that much, and `attr.count` says how
+        // many entries.
+        let result = unsafe { bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) };
+        let end = match result {
+            Ok(_) => false,
+            Err(error) => match error.raw_os_error() {
                 // The walk reached the end; this call's entries are still to be handed over.
                 Some(libc::ENOENT) => true,
                 // The next bucket alone holds more entries than `chunk`: make room and retry.
@@ -131,7 +127,7 @@ pub fn lookup<K: Pod, V: Pod>(
                     continue;
                 }
                 _ => return Err(error),
-            }
+            },
         };
         let count = (attr.count as usize).min(chunk);
         // SAFETY: the kernel wrote `count` keys and values, and any bytes are a valid Pod.
@@ -236,23 +232,13 @@ fn elem(
         value: value as u64,
         flags: 0,
     };
-    // SAFETY: `key` points at a key of the map's size and `value`, when the command writes one,
-    // at room for a value of the map's size (the caller's types are the map's).
-    let result = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            command,
-            &raw mut attr,
-            mem::size_of::<ElemAttr>(),
-        )
-    };
-    if result == 0 {
-        return Ok(true);
-    }
-    let error = io::Error::last_os_error();
-    match error.raw_os_error() {
-        Some(libc::ENOENT) => Ok(false),
-        _ => Err(error),
+    // SAFETY: a `map_elem` attribute; `key` points at a key of the map's size and `value`,
+    // when the command writes one, at room for a value of the map's size (the caller's types
+    // are the map's).
+    match unsafe { bpf(command, &mut attr) } {
+        Ok(_) => Ok(true),
+        Err(error) if error.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(error) => Err(error),
     }
 }
 
@@ -283,20 +269,11 @@ fn run(
         elem_flags: 0,
         flags: 0,
     };
-    // SAFETY: `attr` points at `count` keys (and values) that outlive the call; the kernel only
-    // reads them, and writes back `attr.count`.
-    let result = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            command,
-            &raw mut attr,
-            mem::size_of::<BatchAttr>(),
-        )
-    };
-    if result == 0 {
+    // SAFETY: a `batch` attribute pointing at `count` keys (and values) that outlive the call;
+    // the kernel only reads them, and writes back `attr.count`.
+    let Err(error) = (unsafe { bpf(command, &mut attr) }) else {
         return Ok(());
-    }
-    let error = io::Error::last_os_error();
+    };
     Err(Stopped {
         // The kernel reports how far it got; never trust it past what was asked.
         written: (attr.count as usize).min(count),
@@ -324,23 +301,17 @@ pub(crate) fn test_map(
         "creating a BPF map needs root: run the tests as root (`cargo xtask test`)"
     );
     // map_type, key_size, value_size, max_entries, map_flags: the head of `union bpf_attr`.
-    let attr: [u32; 5] = [
+    let mut attr: [u32; 5] = [
         map_type,
         u32::try_from(key_size).unwrap(),
         u32::try_from(value_size).unwrap(),
         max_entries,
         map_flags,
     ];
-    // SAFETY: the kernel reads `attr` and returns a new descriptor or -1.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_CREATE,
-            attr.as_ptr(),
-            mem::size_of_val(&attr),
-        )
-    };
-    assert!(fd >= 0, "BPF_MAP_CREATE: {}", io::Error::last_os_error());
+    // SAFETY: the head of a `map_create` attribute, no pointers; the kernel returns a new
+    // descriptor.
+    let fd = unsafe { super::syscall::bpf(BPF_MAP_CREATE, &mut attr) }
+        .unwrap_or_else(|error| panic!("BPF_MAP_CREATE: {error}"));
     // SAFETY: `fd` is a new descriptor nothing else owns.
     unsafe { std::os::fd::OwnedFd::from_raw_fd(i32::try_from(fd).unwrap()) }
 }

@@ -23,6 +23,8 @@ use std::{
 use anyhow::{Context as _, Result};
 use aya::programs::{links::FdLink, loaded_programs};
 
+use super::syscall::bpf;
+
 /// `enum bpf_cmd` values from the kernel's uapi/linux/bpf.h.
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
@@ -274,24 +276,6 @@ struct LinkDetachAttr {
 #[repr(C, align(8))]
 struct RawLinkInfo([u8; 128]);
 
-fn bpf<A>(command: libc::c_long, attr: &mut A) -> io::Result<libc::c_long> {
-    // SAFETY: `attr` is a live, initialized attribute of the layout the command expects, and
-    // its size is passed along; the kernel reads (and for info, writes through) only that.
-    let result = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            command,
-            (attr as *mut A).cast::<libc::c_void>(),
-            mem::size_of::<A>(),
-        )
-    };
-    if result < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(result)
-    }
-}
-
 /// Opens the object pinned at `path`; None when nothing is pinned there.
 fn open_pinned(path: &Path) -> Result<Option<OwnedFd>> {
     let name = CString::new(path.as_os_str().as_bytes())
@@ -300,7 +284,8 @@ fn open_pinned(path: &Path) -> Result<Option<OwnedFd>> {
         pathname: name.as_ptr() as u64,
         ..ObjAttr::default()
     };
-    match bpf(BPF_OBJ_GET, &mut attr) {
+    // SAFETY: an `obj` attribute with its padding zeroed; `name` outlives the call.
+    match unsafe { bpf(BPF_OBJ_GET, &mut attr) } {
         // SAFETY: BPF_OBJ_GET returned a new descriptor, owned from here on.
         Ok(fd) => Ok(Some(unsafe { OwnedFd::from_raw_fd(fd as i32) })),
         Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -315,7 +300,8 @@ fn link_info(link: BorrowedFd<'_>) -> io::Result<LinkInfo> {
         info_len: mem::size_of::<RawLinkInfo>() as u32,
         info: info.0.as_mut_ptr() as u64,
     };
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    // SAFETY: an `info` attribute; the kernel writes at most `info_len` bytes into `info`.
+    unsafe { bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) }?;
     let word = |at: usize| u32::from_ne_bytes(info.0[at..at + 4].try_into().expect("4 bytes"));
     let link_type = word(0);
     let target = if link_type == BPF_LINK_TYPE_CGROUP {
@@ -337,14 +323,16 @@ fn link_update(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Result<()> 
         flags: 0,
         old_prog_fd: 0,
     };
-    bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
+    // SAFETY: a `link_update` attribute, no pointers.
+    unsafe { bpf(BPF_LINK_UPDATE, &mut attr) }.map(drop)
 }
 
 fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
     let mut attr = LinkDetachAttr {
         link_fd: link.as_raw_fd() as u32,
     };
-    bpf(BPF_LINK_DETACH, &mut attr).map(drop)
+    // SAFETY: a `link_detach` attribute, no pointers.
+    unsafe { bpf(BPF_LINK_DETACH, &mut attr) }.map(drop)
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ pub mod layout;
 pub mod links;
 mod maps;
 pub mod pins;
+mod syscall;
 
 use std::{
     fs,
