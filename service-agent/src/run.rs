@@ -121,7 +121,6 @@ struct Attachments {
     node: Node,
     socket_lb: SocketLbScope,
     lifetimes: ConntrackLifetimes,
-    maps_serve: bool,
     /// Set once the node settings are written and the socket hooks attached.
     started: bool,
     old_layouts_retired: bool,
@@ -131,7 +130,7 @@ struct Attachments {
 }
 
 impl Attachments {
-    fn new(args: &RunArgs, node: Node, origin: &MapsOrigin) -> Self {
+    fn new(args: &RunArgs, node: Node) -> Self {
         Self {
             pods: LinkAttachments::new(POD_INGRESS_PROGRAM, args.pod_interfaces.clone()),
             external: LinkAttachments::new(
@@ -147,7 +146,6 @@ impl Attachments {
                 SocketLbScope::NodeAndPods
             },
             lifetimes: args.conntrack_lifetimes(),
-            maps_serve: origin.serves(),
             started: false,
             old_layouts_retired: false,
             logged_errors: BTreeSet::new(),
@@ -157,7 +155,7 @@ impl Attachments {
     /// Attaches to new links and forgets vanished ones. Errors on one link are logged and
     /// retried on the next tick; failing to attach the socket hooks is fatal (a wrong --cgroup).
     fn reconcile(&mut self, dataplane: &mut Dataplane, proc_sys_net: &Path) -> Result<()> {
-        if !self.maps_serve {
+        if !dataplane.serving() {
             return Ok(());
         }
         let pins = dataplane.link_pins().context("a pinned dataplane")?;
@@ -223,7 +221,7 @@ async fn serve_until_signal(
 ) -> Result<()> {
     let node_name = node.name.clone();
     let mut syncer = Syncer::new(&dataplane.maps, node.clone())?;
-    let mut attachments = Attachments::new(args, node, &origin);
+    let mut attachments = Attachments::new(args, node);
     let mut source = Source::new(args).await?;
     let (published, state) = watch::channel(Arc::new(DesiredState::default()));
     let mut service_health = ServiceHealthServers::new(node_name, published.subscribe());
@@ -282,12 +280,11 @@ async fn serve_until_signal(
             continue;
         }
         let synced_maps = syncer.sync(&refresh.state, &mut dataplane.maps);
-        if !attachments.maps_serve {
+        if !dataplane.serving() {
             // New maps now hold what the first sync wrote (all of it, or what fitted: serving
             // part of the Services beats serving none while the rest waits for room). Attached
             // before the state is published, so that a listed Service is a served one.
             dataplane.mark_serving()?;
-            attachments.maps_serve = true;
             attachments.reconcile(dataplane, &args.proc_sys_net)?;
         }
         match synced_maps {

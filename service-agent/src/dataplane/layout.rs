@@ -20,10 +20,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result, bail, ensure};
 use aya::{
     Pod,
-    maps::{DevMapHash, HashMap, IterableMap as _, Map, MapData, MapInfo},
+    maps::{DevMapHash, IterableMap as _, Map, MapData, MapInfo},
 };
 use service_common::{
     ALL_MAPS, BACKENDS_V4_MAP, BackendV4, CONNTRACK_V4_MAP, CONNTRACK_V4_MAX_ENTRIES, CT_FORWARD,
@@ -223,48 +223,32 @@ impl Migration {
             anyhow::Ok(())
         };
         copy_unless_shared(SERVICES_V4_MAP, &|| {
-            copy(
-                old,
-                SERVICES_V4_MAP,
-                fd_of(maps.services.map()),
-                |_: &ServiceKeyV4, v: ServiceEntry| v,
-            )
+            copy::<ServiceKeyV4, ServiceEntry>(old, SERVICES_V4_MAP, fd_of(maps.services.map()))
         })?;
         copy_unless_shared(FRONTEND_ADDRESSES_V4_MAP, &|| {
-            copy(
+            copy::<u32, u32>(
                 old,
                 FRONTEND_ADDRESSES_V4_MAP,
                 fd_of(maps.frontend_addresses.map()),
-                |_: &u32, v: u32| v,
             )
         })?;
         copy_unless_shared(BACKENDS_V4_MAP, &|| {
-            copy(
-                old,
-                BACKENDS_V4_MAP,
-                fd_of(maps.backends.map()),
-                |_: &u32, v: BackendV4| v,
-            )
+            copy::<u32, BackendV4>(old, BACKENDS_V4_MAP, fd_of(maps.backends.map()))
         })?;
         copy_unless_shared(REV_NAT_V4_MAP, &|| {
-            copy(
-                old,
-                REV_NAT_V4_MAP,
-                fd_of(maps.rev_nat.map()),
-                |_: &u32, v: RevNatV4| v,
-            )
+            copy::<u32, RevNatV4>(old, REV_NAT_V4_MAP, fd_of(maps.rev_nat.map()))
         })?;
         copy_unless_shared(CONNTRACK_V4_MAP, &|| {
-            copy_conntrack(old, self.version, fd_of(maps.conntrack.map()))
+            write_all(
+                old,
+                CONNTRACK_V4_MAP,
+                fd_of(maps.conntrack.map()),
+                self.flows()?,
+            )
         })?;
         let sockets = dataplane.socket_rev_nat_fd()?;
         copy_unless_shared(SOCKET_REV_NAT_V4_MAP, &|| {
-            copy(
-                old,
-                SOCKET_REV_NAT_V4_MAP,
-                sockets,
-                |_: &SocketRevNatKeyV4, v: SocketRevNatV4| v,
-            )
+            copy::<SocketRevNatKeyV4, SocketRevNatV4>(old, SOCKET_REV_NAT_V4_MAP, sockets)
         })?;
         if !shared.contains(ID_WATERMARKS_MAP)
             && let Ok((backend, rev_nat)) = read_watermarks(old)
@@ -283,6 +267,18 @@ impl Migration {
         Ok(())
     }
 
+    /// The old layout's flows, converted to this build's entries.
+    fn flows(&self) -> Result<Vec<(ConntrackKeyV4, ConntrackEntryV4)>> {
+        let mut flows = read_all(&self.from, CONNTRACK_V4_MAP)?;
+        if self.version == "v5" {
+            let now = monotonic_coarse_seconds().context("reading the monotonic clock")?;
+            for (key, entry) in &mut flows {
+                from_v5(key, entry, now);
+            }
+        }
+        Ok(flows)
+    }
+
     /// After the links run the new programs: the flows the old programs recorded since the
     /// copy (a flow's first packets between the copy and the swap) are copied too, without
     /// overwriting what the new programs wrote meanwhile. Nothing to do when conntrack was
@@ -292,7 +288,7 @@ impl Migration {
             return Ok(0);
         }
         let mut added = 0;
-        for (key, entry) in read_conntrack(&self.from, self.version)? {
+        for (key, entry) in self.flows()? {
             if dataplane.maps.conntrack.get(&key, 0).is_err()
                 && dataplane
                     .maps
@@ -328,24 +324,44 @@ fn open_pinned(dir: &Path, name: &str) -> Result<Map> {
     Map::from_map_data(data).with_context(|| format!("reading the type of {}", path.display()))
 }
 
-/// Copies every entry of the hash map `name` in `dir` into `to`, through `convert`.
-fn copy<K: Pod, V: Pod>(
+/// Copies every entry of the hash map `name` in `dir` into `to`, whose types are the same.
+fn copy<K: Pod, V: Pod>(dir: &Path, name: &str, to: BorrowedFd<'_>) -> Result<usize> {
+    write_all(dir, name, to, read_all::<K, V>(dir, name)?)
+}
+
+/// Every entry of the hash map `name` pinned in `dir` (none if it is not there), read a chunk
+/// per system call.
+fn read_all<K: Pod, V: Pod>(dir: &Path, name: &str) -> Result<Vec<(K, V)>> {
+    let path = dir.join(name);
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let map = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+    let info = map
+        .info()
+        .with_context(|| format!("reading {}", path.display()))?;
+    ensure!(
+        (info.key_size(), info.value_size()) == (size_of::<K>() as u32, size_of::<V>() as u32),
+        "{} has other key or value types",
+        path.display()
+    );
+    let mut entries = Vec::new();
+    batch::lookup::<K, V>(map.fd().as_fd(), batch::CONNTRACK_CHUNK, |keys, values| {
+        entries.extend(keys.iter().copied().zip(values.iter().copied()));
+        Ok(())
+    })
+    .with_context(|| format!("reading {}", path.display()))?;
+    Ok(entries)
+}
+
+/// Writes `entries` (of the map `name` in `dir`) into `to`.
+fn write_all<K: Pod, V: Pod>(
     dir: &Path,
     name: &str,
     to: BorrowedFd<'_>,
-    convert: impl Fn(&K, V) -> V,
+    entries: Vec<(K, V)>,
 ) -> Result<usize> {
-    if !dir.join(name).exists() {
-        return Ok(0);
-    }
-    let map = HashMap::<MapData, K, V>::try_from(open_pinned(dir, name)?)
-        .with_context(|| format!("{}/{name} has other key or value types", dir.display()))?;
-    let (mut keys, mut values) = (Vec::new(), Vec::new());
-    for item in map.iter() {
-        let (key, value) = item.with_context(|| format!("reading {}/{name}", dir.display()))?;
-        values.push(convert(&key, value));
-        keys.push(key);
-    }
+    let (keys, values): (Vec<K>, Vec<V>) = entries.into_iter().unzip();
     batch::update(to, &keys, &values).map_err(|stopped| {
         anyhow::Error::new(stopped.error).context(format!(
             "copying {}/{name}: {} of {} entries fit in the new map",
@@ -355,27 +371,6 @@ fn copy<K: Pod, V: Pod>(
         ))
     })?;
     Ok(keys.len())
-}
-
-fn read_conntrack(dir: &Path, version: &str) -> Result<Vec<(ConntrackKeyV4, ConntrackEntryV4)>> {
-    if !dir.join(CONNTRACK_V4_MAP).exists() {
-        return Ok(Vec::new());
-    }
-    let map = HashMap::<MapData, ConntrackKeyV4, ConntrackEntryV4>::try_from(open_pinned(
-        dir,
-        CONNTRACK_V4_MAP,
-    )?)?;
-    let now = monotonic_coarse_seconds().context("reading the monotonic clock")?;
-    let mut flows = Vec::new();
-    for item in map.iter() {
-        let (key, mut entry) =
-            item.with_context(|| format!("reading {}/{CONNTRACK_V4_MAP}", dir.display()))?;
-        if version == "v5" {
-            from_v5(&key, &mut entry, now);
-        }
-        flows.push((key, entry));
-    }
-    Ok(flows)
 }
 
 /// A v5 forward entry kept no `last_seen` (0), and no entry said whether the TCP handshake was
@@ -388,20 +383,6 @@ fn from_v5(key: &ConntrackKeyV4, entry: &mut ConntrackEntryV4, now: u32) {
     if key.protocol == IPPROTO_TCP {
         entry.flags |= CT_SEEN_NON_SYN;
     }
-}
-
-fn copy_conntrack(dir: &Path, version: &str, to: BorrowedFd<'_>) -> Result<usize> {
-    let flows = read_conntrack(dir, version)?;
-    let (keys, values): (Vec<_>, Vec<_>) = flows.into_iter().unzip();
-    batch::update(to, &keys, &values).map_err(|stopped| {
-        anyhow::Error::new(stopped.error).context(format!(
-            "copying {}/{CONNTRACK_V4_MAP}: {} of {} entries fit in the new map",
-            dir.display(),
-            stopped.written,
-            keys.len()
-        ))
-    })?;
-    Ok(keys.len())
 }
 
 fn copy_xdp_egress(dir: &Path, to: &mut DevMapHash<MapData>) -> Result<()> {

@@ -150,6 +150,14 @@ impl Dataplane {
         Ok((dataplane, origin))
     }
 
+    /// Whether the maps hold what the node should serve, so that links may run this agent's
+    /// programs: reused or copied maps at once, new ones once [`Self::mark_serving`] says so.
+    pub fn serving(&self) -> bool {
+        self.pinned
+            .as_ref()
+            .is_some_and(|pinned| pinned.incoming.is_none())
+    }
+
     /// Gives a layout built by this agent its own name: its maps hold what the node should
     /// serve, and links may run programs using them. Nothing to do for a reused layout.
     pub fn mark_serving(&mut self) -> Result<()> {
