@@ -23,7 +23,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use aya::programs::{links::FdLink, loaded_programs};
 
-use super::syscall::bpf;
+use super::{pins::entries_if_any, syscall::bpf};
 
 /// `enum bpf_cmd` values from the kernel's uapi/linux/bpf.h.
 const BPF_OBJ_GET: libc::c_long = 7;
@@ -85,14 +85,8 @@ impl LinkPins {
 
     /// The names of the pinned links whose names start with `prefix`.
     fn names_with_prefix(&self, prefix: &str) -> Result<Vec<String>> {
-        let entries = match fs::read_dir(&self.dir) {
-            Ok(entries) => entries,
-            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(err) => return Err(err).with_context(|| format!("listing {}", self.dir.display())),
-        };
         let mut names = Vec::new();
-        for entry in entries {
-            let entry = entry.with_context(|| format!("listing {}", self.dir.display()))?;
+        for entry in entries_if_any(&self.dir)?.unwrap_or_default() {
             if let Some(name) = entry.file_name().to_str()
                 && name.starts_with(prefix)
             {
@@ -111,16 +105,6 @@ impl LinkPins {
         link_info(link.as_fd())
             .map(Some)
             .with_context(|| format!("reading the link pinned at {}", self.path(name).display()))
-    }
-
-    /// Points the pinned link `name` at `program`, atomically: packets see the old program or
-    /// the new one, and the link is never detached in between.
-    pub fn update(&self, name: &str, program: BorrowedFd<'_>) -> Result<()> {
-        let path = self.path(name);
-        let link =
-            open_pinned(&path)?.with_context(|| format!("no link pinned at {}", path.display()))?;
-        link_update(link.as_fd(), program)
-            .with_context(|| format!("swapping the program of the link {}", path.display()))
     }
 
     /// Pins a link aya just made: from now on it outlives the agent.
@@ -150,16 +134,28 @@ impl LinkPins {
         program: BorrowedFd<'_>,
         attach: impl FnOnce() -> Result<FdLink>,
     ) -> Result<Attached> {
-        let pinned = self.info(name)?;
-        if let Some(info) = pinned
+        let path = self.path(name);
+        let link = open_pinned(&path)?;
+        let pinned = (link.as_ref())
+            .map(|link| link_info(link.as_fd()))
+            .transpose()
+            .with_context(|| format!("reading the link pinned at {}", path.display()))?;
+        if let (Some(link), Some(info)) = (&link, pinned)
             && info.link_type == link_type
             && info.target == target
         {
-            match self.update(name, program) {
+            // One atomic swap: packets see the old program or the new one, and the link is
+            // never detached in between.
+            match link_update(link.as_fd(), program) {
                 Ok(()) => return Ok(Attached::Adopted),
-                Err(err) => tracing::warn!(link = name, "{err:#}; attaching a new link instead"),
+                Err(err) => tracing::warn!(
+                    link = name,
+                    "swapping the program of {}: {err}; attaching a new link instead",
+                    path.display()
+                ),
             }
         }
+        drop(link);
         if pinned.is_none() {
             self.pin(name, attach()?)?;
             return Ok(Attached::New);

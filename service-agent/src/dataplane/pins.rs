@@ -38,8 +38,7 @@ pub fn incoming_dir(root: &Path, name: &str) -> PathBuf {
 /// one): no link runs a program that uses their maps, since links are pointed at a layout only
 /// once it has its own name.
 pub fn remove_incoming(root: &Path) -> Result<()> {
-    for entry in read_dir_if_any(root)? {
-        let entry = entry.with_context(|| format!("listing {}", root.display()))?;
+    for entry in entries_if_any(root)?.unwrap_or_default() {
         if entry
             .file_name()
             .to_str()
@@ -52,12 +51,15 @@ pub fn remove_incoming(root: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The entries of `dir`, none if it does not exist.
-fn read_dir_if_any(dir: &Path) -> Result<impl Iterator<Item = io::Result<fs::DirEntry>>> {
+/// The entries of `dir`; None if it does not exist.
+pub(super) fn entries_if_any(dir: &Path) -> Result<Option<Vec<fs::DirEntry>>> {
+    let listing = || format!("listing {}", dir.display());
     match fs::read_dir(dir) {
-        Ok(entries) => Ok(Some(entries).into_iter().flatten()),
-        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None.into_iter().flatten()),
-        Err(err) => Err(err).with_context(|| format!("listing {}", dir.display())),
+        Ok(entries) => Ok(Some(
+            entries.collect::<io::Result<_>>().with_context(listing)?,
+        )),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(err) => Err(err).with_context(listing),
     }
 }
 
@@ -102,14 +104,8 @@ pub fn is_layout_name(name: &str) -> bool {
 
 /// The layout directories under `root` other than `current`, newest first.
 pub fn other_layouts(root: &Path, current: &str) -> Result<Vec<PathBuf>> {
-    let entries = match fs::read_dir(root) {
-        Ok(entries) => entries,
-        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(err) => return Err(err).with_context(|| format!("listing {}", root.display())),
-    };
     let mut layouts = Vec::new();
-    for entry in entries {
-        let entry = entry.with_context(|| format!("listing {}", root.display()))?;
+    for entry in entries_if_any(root)?.unwrap_or_default() {
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
         if name != current && is_layout_name(name) && entry.path().is_dir() {
@@ -124,15 +120,11 @@ pub fn other_layouts(root: &Path, current: &str) -> Result<Vec<PathBuf>> {
 /// Removes a layout directory: its pins, then the directory. The maps themselves go when the
 /// last program using them does.
 pub fn remove_layout(dir: &Path) -> Result<()> {
-    let entries = match fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(err) => return Err(err).with_context(|| format!("listing {}", dir.display())),
+    let Some(entries) = entries_if_any(dir)? else {
+        return Ok(());
     };
     for entry in entries {
-        let path = entry
-            .with_context(|| format!("listing {}", dir.display()))?
-            .path();
+        let path = entry.path();
         fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
     }
     fs::remove_dir(dir).with_context(|| format!("removing {}", dir.display()))
@@ -155,19 +147,12 @@ pub fn cleanup(root: &Path) -> Result<Removed> {
     }
     let _lock = PinRootLock::acquire(root)?;
     let links = root.join(LINKS_DIR);
-    match fs::read_dir(&links) {
-        Ok(entries) => {
-            for entry in entries {
-                let path = entry
-                    .with_context(|| format!("listing {}", links.display()))?
-                    .path();
-                remove_link_pin(&path)?;
-                removed.links += 1;
-            }
-            fs::remove_dir(&links).with_context(|| format!("removing {}", links.display()))?;
+    if let Some(entries) = entries_if_any(&links)? {
+        for entry in entries {
+            remove_link_pin(&entry.path())?;
+            removed.links += 1;
         }
-        Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-        Err(err) => return Err(err).with_context(|| format!("listing {}", links.display())),
+        fs::remove_dir(&links).with_context(|| format!("removing {}", links.display()))?;
     }
     for layout in other_layouts(root, "")? {
         remove_layout(&layout)?;
