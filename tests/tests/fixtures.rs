@@ -277,6 +277,16 @@ impl Fixture {
         assert_checksums_valid(&out);
     }
 
+    /// Asserts that pod_ingress translates the backend's `reply`, with TCP `flags`, to come from
+    /// the frontend.
+    fn assert_reply_from_frontend(&mut self, reply: &Packet, flags: u8) {
+        self.assert_translated(
+            POD,
+            &reply.with_tcp_flags(flags),
+            &reply.with_src(FRONTEND).with_tcp_flags(flags),
+        );
+    }
+
     /// Asserts that `program` drops `input`.
     fn assert_dropped(&mut self, program: &str, input: &Packet) {
         let (verdict, _) = self.run_on(program, &input.bytes());
@@ -1021,21 +1031,13 @@ fn a_syn_on_a_closed_flow_is_balanced_afresh() {
     let request = Packet::new(TCP, CLIENT, FRONTEND);
     let reply = Packet::new(TCP, backend(2), CLIENT);
     fx.assert_sent_to(&request, backend(2), "the only backend");
-    fx.assert_translated(
-        POD,
-        &reply.with_tcp_flags(TCP_SYN_ACK),
-        &reply.with_src(FRONTEND).with_tcp_flags(TCP_SYN_ACK),
-    );
+    fx.assert_reply_from_frontend(&reply, TCP_SYN_ACK);
     fx.assert_sent_to(
         &request.with_tcp_flags(TCP_FIN_ACK),
         backend(2),
         "a closing flow keeps its backend",
     );
-    fx.assert_translated(
-        POD,
-        &reply.with_tcp_flags(TCP_FIN_ACK),
-        &reply.with_src(FRONTEND).with_tcp_flags(TCP_FIN_ACK),
-    );
+    fx.assert_reply_from_frontend(&reply, TCP_FIN_ACK);
     assert!(flow_closed(fx.entry(&request, CT_FORWARD).flags));
     fx.move_web_to_backend_3();
 
@@ -1077,11 +1079,7 @@ fn a_bare_syn_on_an_established_flow_is_balanced_afresh() {
     let request = Packet::new(TCP, CLIENT, FRONTEND);
     let reply = Packet::new(TCP, backend(2), CLIENT);
     fx.assert_sent_to(&request, backend(2), "the only backend");
-    fx.assert_translated(
-        POD,
-        &reply.with_tcp_flags(TCP_SYN_ACK),
-        &reply.with_src(FRONTEND).with_tcp_flags(TCP_SYN_ACK),
-    );
+    fx.assert_reply_from_frontend(&reply, TCP_SYN_ACK);
     fx.assert_sent_to(
         &request.with_tcp_flags(TCP_ACK),
         backend(2),
@@ -1118,11 +1116,7 @@ fn a_retransmitted_syn_keeps_its_backend_before_the_handshake_completes() {
     fx.assert_sent_to(&request, backend(2), "the only backend");
     fx.move_web_to_backend_3();
     fx.assert_sent_to(&request, backend(2), "a retransmitted SYN");
-    fx.assert_translated(
-        POD,
-        &reply.with_tcp_flags(TCP_SYN_ACK),
-        &reply.with_src(FRONTEND).with_tcp_flags(TCP_SYN_ACK),
-    );
+    fx.assert_reply_from_frontend(&reply, TCP_SYN_ACK);
     fx.assert_sent_to(&request, backend(2), "a SYN retransmitted after a SYN-ACK");
     fx.assert_sent_to(
         &request.with_tcp_flags(TCP_ACK),
@@ -1186,11 +1180,7 @@ fn a_packet_in_either_direction_refreshes_both_entries() {
 
     // Replies refresh the forward entry and tell it the handshake completed, then the FIN.
     let aged = fx.age(&request, CT_FORWARD, 30);
-    fx.assert_translated(
-        POD,
-        &reply.with_tcp_flags(TCP_ACK),
-        &reply.with_src(FRONTEND).with_tcp_flags(TCP_ACK),
-    );
+    fx.assert_reply_from_frontend(&reply, TCP_ACK);
     let forward = fx.entry(&request, CT_FORWARD);
     assert!(
         forward.last_seen >= aged.last_seen,
@@ -1198,11 +1188,7 @@ fn a_packet_in_either_direction_refreshes_both_entries() {
     );
     assert_eq!(forward.last_seen, fx.entry(&reply, CT_REVERSE).last_seen);
     assert_eq!(forward.flags, CT_SEEN_NON_SYN, "{forward:?}");
-    fx.assert_translated(
-        POD,
-        &reply.with_tcp_flags(TCP_FIN_ACK),
-        &reply.with_src(FRONTEND).with_tcp_flags(TCP_FIN_ACK),
-    );
+    fx.assert_reply_from_frontend(&reply, TCP_FIN_ACK);
     assert_eq!(
         fx.entry(&request, CT_FORWARD).flags,
         CT_SEEN_NON_SYN | CT_FIN_FROM_BACKEND
@@ -1271,11 +1257,7 @@ fn a_syn_ack_on_a_closed_flow_is_not_translated() {
         backend(2),
         "a closing flow keeps its backend",
     );
-    fx.assert_translated(
-        POD,
-        &reply.with_tcp_flags(TCP_FIN_ACK),
-        &reply.with_src(FRONTEND).with_tcp_flags(TCP_FIN_ACK),
-    );
+    fx.assert_reply_from_frontend(&reply, TCP_FIN_ACK);
 
     // The direct connection: the client's SYN to the pod IP, the pod's SYN-ACK and ACK.
     fx.assert_passed_untouched(&Packet::new(TCP, CLIENT, backend(2)).bytes());
